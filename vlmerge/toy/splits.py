@@ -1,0 +1,211 @@
+"""Write the toy eval sets: Japanese VQA (`toy_vqa_ja/`) and Japanese math (`toy_math_ja/`).
+
+Regenerate the shipped sets from the repository root with:
+
+    python -m vlmerge.toy.splits --out eval_data
+
+Each folder holds `search.jsonl` (the search's fitness) and `heldout.jsonl` (the final report), plus
+`MANIFEST.json` (source, license, seeds, split sizes, sha256 of every file). VQA lines are
+`{"id", "image": "images/<id>.png", "question", "answers": [...]}` with the PNGs beside them; math lines are
+`{"id", "question", "answer"}` (the number as text). Scenes and problems come from seeds at or above
+EVAL_SEED_BASE, which training data should not use. Splits are disjoint: an item whose (scene layout,
+question) or math question text already appeared in either split is skipped. Folders are written to a
+temporary folder and swapped in whole, so a failed run never leaves a half-written set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from vlmerge.errors import VlmergeError
+from vlmerge.toy import problems as P
+from vlmerge.toy import scenes as S
+
+EVAL_SEED_BASE = 90_000
+SPLITS = ("search", "heldout")
+LICENSE = "CC0-1.0"
+VQA_DIR, MATH_DIR = "toy_vqa_ja", "toy_math_ja"
+
+
+@dataclass(frozen=True)
+class EvalSetConfig:
+    seed: int = 0
+    search_size: int = 64
+    heldout_size: int = 128
+    canvas: int = 32
+    math: P.ProblemConfig = field(default_factory=P.ProblemConfig)
+
+    def __post_init__(self):
+        for name in ("search_size", "heldout_size"):
+            if getattr(self, name) < 1:
+                raise VlmergeError(f"toy eval set {name}={getattr(self, name)}: must be at least 1")
+
+    def sizes(self) -> dict[str, int]:
+        return {"search": self.search_size, "heldout": self.heldout_size}
+
+    def split_seed(self, split: str) -> int:
+        return EVAL_SEED_BASE + 2 * self.seed + SPLITS.index(split)
+
+    def command(self) -> str:
+        default, flags = EvalSetConfig(), ["python -m vlmerge.toy.splits --out eval_data"]
+        for name in ("seed", "search_size", "heldout_size", "canvas"):
+            if getattr(self, name) != getattr(default, name):
+                flags.append(f"--{name.replace('_', '-')} {getattr(self, name)}")
+        return " ".join(flags)
+
+
+def vqa_splits(config: EvalSetConfig) -> dict[str, list[dict]]:
+    """Japanese VQA items per split, one question per scene, no (layout, question) repeated anywhere.
+
+    Each scene is asked the question kind least used so far in its split (ties: a seeded draw), so the
+    seven kinds are equally represented even in a 64-item split.
+    """
+    seen: set = set()
+    out = {}
+    for split, size in config.sizes().items():
+        seed, items, i = config.split_seed(split), [], 0
+        used = dict.fromkeys(S.QUESTION_KINDS, 0)
+        rng = random.Random(f"vlmerge-eval-vqa:{seed}")
+        while len(items) < size:
+            if i > 100 * size:
+                raise VlmergeError(f"toy VQA {split}: too few distinct scenes for {size} items")
+            scene = S.scene_at(seed, i, size=config.canvas)
+            specs = [s for s in S.question_specs(scene) if (scene.key(), s) not in seen]
+            i += 1
+            if not specs:
+                continue
+            fewest = min(used[s.kind] for s in specs)
+            spec = rng.choice([s for s in specs if used[s.kind] == fewest])
+            seen.add((scene.key(), spec))
+            used[spec.kind] += 1
+            items.append(S.vqa_item(scene, spec, "ja"))
+        out[split] = items
+    return out
+
+
+def math_splits(config: EvalSetConfig) -> dict[str, list[P.Problem]]:
+    """Problems per split, no Japanese question text repeated anywhere."""
+    seen: set[str] = set()
+    out = {}
+    for split, size in config.sizes().items():
+        seed, chosen, i = config.split_seed(split), [], 0
+        while len(chosen) < size:
+            if i > 100 * size:
+                raise VlmergeError(f"toy math {split}: too few distinct problems for {size} items; widen "
+                                   f"operand_range {config.math.operand_range} or ops {config.math.ops}")
+            for p in P.make_problems(i + size, seed, config.math)[i:]:
+                q = P.question(p, "ja")
+                if q not in seen and len(chosen) < size:
+                    seen.add(q)
+                    chosen.append(p)
+            i += size
+        out[split] = chosen
+    return out
+
+
+def write_eval_sets(out: str | Path, config: EvalSetConfig | None = None) -> list[Path]:
+    """Write both folders under `out`; returns their paths."""
+    out, config = Path(out), config or EvalSetConfig()
+    vqa = vqa_splits(config)
+    math = math_splits(config)
+
+    def fill_vqa(folder: Path) -> None:
+        (folder / "images").mkdir()
+        for split, items in vqa.items():
+            lines = []
+            for it in items:
+                image = f"images/{it['id']}.png"
+                S.render(it["scene"]).save(folder / image, format="PNG")
+                lines.append({"id": it["id"], "image": image, "question": it["question"],
+                              "answers": it["answers"]})
+            _write_jsonl(folder / f"{split}.jsonl", lines)
+
+    def fill_math(folder: Path) -> None:
+        for split, items in math.items():
+            _write_jsonl(folder / f"{split}.jsonl", [
+                {"id": p.id, "question": P.question(p, "ja"), "answer": P.answer_text(p)} for p in items])
+
+    vqa_format = 'jsonl lines {"id", "image": "images/<id>.png" (relative to the jsonl), "question", ' \
+        '"answers"}'
+    math_format = 'jsonl lines {"id", "question", "answer"} (answer: the number as text)'
+    seeds = {"generator_seed": config.seed, "split_seeds": {s: config.split_seed(s) for s in SPLITS}}
+    return [_write_folder(out / VQA_DIR, config, fill_vqa, vqa_format, {**seeds, "canvas_px": config.canvas}),
+            _write_folder(out / MATH_DIR, config, fill_math, math_format, {**seeds, **asdict(config.math)})]
+
+
+def verify_manifest(folder: str | Path) -> None:
+    """Raise VlmergeError naming every file that is missing, unlisted, or differs from MANIFEST.json."""
+    folder = Path(folder)
+    manifest_path = folder / "MANIFEST.json"
+    if not manifest_path.is_file():
+        raise VlmergeError(f"{manifest_path} is missing")
+    listed = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {"MANIFEST.json"}
+    problems = [f"{name}: missing" for name in sorted(set(listed) - present)]
+    problems += [f"{name}: not in the manifest" for name in sorted(present - set(listed))]
+    problems += [f"{name}: sha256 differs" for name in sorted(set(listed) & present)
+                 if _sha256(folder / name) != listed[name]]
+    if problems:
+        raise VlmergeError(f"{manifest_path} does not match the folder: " + "; ".join(problems))
+
+
+def _write_folder(target: Path, config: EvalSetConfig, fill, data_format: str, generator: dict) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp.chmod(0o755)
+    try:
+        fill(tmp)
+        files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = {
+            "name": target.name,
+            "source": f"generated by vlmerge.toy (command: {config.command()})",
+            "license": LICENSE,
+            "generator": generator,
+            "splits": config.sizes(),
+            "format": data_format,
+            "files": files,
+        }
+        (tmp / "MANIFEST.json").write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n",
+                                           encoding="utf-8")
+        old = target.with_name(f".{target.name}.old")
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m vlmerge.toy.splits", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="eval_data", help="parent folder of toy_vqa_ja/ and toy_math_ja/")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--search-size", type=int, default=64)
+    parser.add_argument("--heldout-size", type=int, default=128)
+    parser.add_argument("--canvas", type=int, default=32, help="image side in pixels")
+    args = parser.parse_args(argv)
+    config = EvalSetConfig(args.seed, args.search_size, args.heldout_size, args.canvas)
+    for folder in write_eval_sets(args.out, config):
+        print(f"wrote {folder}")
+
+
+if __name__ == "__main__":
+    main()

@@ -227,8 +227,14 @@ def test_ja_vlm_wild_is_heldout_only(tmp_path):
     rows = {"page_url": ["p0", "p1"], "image_url": ["i0", "i1"], "question": ["何が見えますか", "色は"],
             "answer": ["鳥居です", "赤"], "image": [image, image]}  # fmt: skip
     save_parquet(rows, features, tmp_path / "wild" / "data" / "test-00000-of-00001.parquet")
+    # the hub snapshot also holds a root parquet outside the card's configs: it must not become a split
+    save_parquet({"x": [1]}, None, tmp_path / "wild" / "data_per_image.parquet")
+    (tmp_path / "wild" / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: test\n    path: data/test-*\n---\n"
+    )
     ds = load_dataset("ja_vlm_wild", str(tmp_path / "wild"))
-    assert (ds.search_split, ds.heldout_split, [i.id for i in ds.split("test")]) == (None, "test", ["0", "1"])
+    assert (list(ds.splits), ds.search_split, ds.heldout_split) == (["test"], None, "test")
+    assert [i.id for i in ds.split("test")] == ["0", "1"]
     assert ds.split("test")[0].answers == ("鳥居です",) and ds.split("test")[1].meta["page_url"] == "p1"
     assert ds.split("test")[1].image.load().size == (6, 4)
     with pytest.raises(VlmergeError, match="declares no search split"):
@@ -240,16 +246,17 @@ def test_gsm8k_ja_is_the_fitness_set(tmp_path):
     write_jsonl(root / "gsm8k-ja-test_250-1319.jsonl", [
         {"question": "りんごが3個…", "answer": "3+2=5\n#### 5", "answer_number": "5"},
         {"question": "みかんが…", "answer": "…\n#### 1,200", "answer_number": None},
+        {"question": "なしが…", "answer": " 7 "},
     ])  # fmt: skip
     ds = load_dataset("gsm8k_ja", str(root))
     items = ds.split("test")
     assert (ds.search_split, ds.heldout_split) == ("test", None)
-    assert [(i.id, i.answers) for i in items] == [("0", ("5",)), ("1", ("1,200",))]
+    assert [(i.id, i.answers) for i in items] == [("0", ("5",)), ("1", ("1,200",)), ("2", ("7",))]
     assert items[0].meta["solution"].endswith("#### 5") and items[0].image is None
     assert resolve_split(ds, "search") == "test"
     with pytest.raises(VlmergeError, match="declares no held-out split"):
         resolve_split(ds, "heldout")
-    write_jsonl(root / "gsm8k-ja-test_250-1319.jsonl", [{"question": "q", "answer": "no number"}])
+    write_jsonl(root / "gsm8k-ja-test_250-1319.jsonl", [{"question": "q", "answer": "costs 5 yen"}])
     with pytest.raises(VlmergeError, match=r"split 'test' row 0: missing field 'answer_number'"):
         load_dataset("gsm8k_ja", str(root))
 

@@ -11,7 +11,7 @@ evaluation code (github.com/SakanaAI/evolutionary-model-merge, evomerge/eval/*.p
 - SakanaAI/gsm8k-ja-test_250-1319 (Apache-2.0): one jsonl file, split `test`, 1,069 rows (GSM8K test rows
   251..1319 translated with gpt-4-0125-preview; the first 250 are MGSM). The card lists no columns;
   `question` and `answer_number` are what scripts loading it read (optunahub's evo_merge example and
-  others); a GSM8K-style `answer` ("... #### 42") is accepted when `answer_number` is absent.
+  others); a GSM8K-style `answer` ("... #### 42", or a bare number) serves when `answer_number` is absent.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from vlmerge.eval.data import Dataset, ImageRef, Item, declare_roles, finish_spl
 log = logging.getLogger(__name__)
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-GSM8K_FINAL = re.compile(r"####\s*([-+]?[\d,]*\.?\d+)\s*$")
+GSM8K_FINAL = re.compile(r"(?:^|####)\s*([-+]?[\d,]*\.?\d+)\s*$")  # "... #### 42" or "42"
 
 
 def _open(data: str, revision: str | None) -> Mapping[str, Any]:
@@ -160,7 +160,7 @@ def load_ja_vlm_wild(data: str, *, revision=None, splits=None, limit=None) -> Da
 
 
 def gold_number(row: Mapping[str, Any], where: str) -> str:
-    """The gold answer as written: `answer_number`, else the number after '####' in a GSM8K `answer`."""
+    """The gold answer as written: `answer_number`, else a GSM8K `answer` ending '#### <n>' or just '<n>'."""
     number = row.get("answer_number")
     if isinstance(number, float) and number.is_integer():
         number = int(number)

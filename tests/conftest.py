@@ -20,6 +20,7 @@ def tiny(tmp_path_factory) -> SimpleNamespace:
     base -> ja (Mistral fine-tune), math (saved as Llama), vlm_lm (the VLMs' language tower);
     qwen_base -> qwen_ft. Every VLM tower has one extra vocabulary row (`<image>`), as LLaVA does.
     """
+    from tests.fixtures.composite import make_composite
     from tests.fixtures.hf_models import make_base_lm, make_finetune, make_llava
 
     root = tmp_path_factory.mktemp("tiny")
@@ -32,12 +33,7 @@ def tiny(tmp_path_factory) -> SimpleNamespace:
     ns.llava_next = make_llava(root / "llava_next", ns.vlm_lm, next_=True)
     ns.qwen_base = make_base_lm(root / "qwen_base", "qwen2", seed=4)
     ns.qwen_ft = make_finetune(ns.qwen_base, root / "qwen_ft", seed=5)
-    try:
-        from tests.fixtures.composite import make_composite
-    except ImportError:
-        ns.composite = None
-    else:
-        ns.composite = make_composite(root / "composite", language_model_dir=ns.vlm_lm, seed=6)
+    ns.composite = make_composite(root / "composite", language_model_dir=ns.vlm_lm, seed=6)
     return ns
 
 

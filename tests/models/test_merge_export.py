@@ -111,3 +111,25 @@ def test_qwen2_family_merges(tiny, tmp_path):
     base, ft = lm_state(tiny.qwen_base), lm_state(tiny.qwen_ft)
     key = "model.layers.0.self_attn.q_proj.bias"
     torch.testing.assert_close(merged[key], base[key] + 0.5 * (ft[key] - base[key]), rtol=1e-5, atol=1e-6)
+
+
+def test_composite_vlm_merge_keeps_vision_files_and_generates(tiny, tmp_path):
+    from vlmerge.models.composite import CompositeVLM
+    from vlmerge.models.composite_processor import CompositeProcessor
+
+    pool = Pool(target=str(tiny.composite), donors={"ja": str(tiny.ja)}, base=str(tiny.base), verbose=False)
+    assert len(pool.plan.tensors) == 39
+    r = recipe("task_arithmetic", rules=[{"weight": 0.7}])
+    out = export_recipe(pool, r, tmp_path / "composite")
+    for name in ("vision_encoder.safetensors", "projector.safetensors", "vlmerge_composite.json"):
+        assert (out / name).read_bytes() == (tiny.composite / name).read_bytes(), name
+    merged = load_all(out / "language_model")
+    base, ja, vlm = lm_state(tiny.base), lm_state(tiny.ja), lm_state(tiny.vlm_lm)
+    key = "model.layers.3.mlp.down_proj.weight"
+    expected = base[key] + 0.7 * (vlm[key] - base[key]) + 0.7 * (ja[key] - base[key])
+    torch.testing.assert_close(merged[key], expected, rtol=1e-5, atol=1e-6)
+    model = CompositeVLM.from_pretrained(out)
+    processor = CompositeProcessor.from_pretrained(out)
+    inputs = processor(text=["<image> what colour is the circle"], images=[Image.new("RGB", (32, 32), "blue")])
+    new = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert new.shape == (1, 3)

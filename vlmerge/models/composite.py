@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 from open_clip.model import CLIPVisionCfg, _build_vision_tower
+from open_clip.utils import to_2tuple
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -81,14 +82,13 @@ class CompositeConfig:
 
     @property
     def image_size(self) -> tuple[int, int]:
-        size = self.vision.get("image_size", CLIPVisionCfg.image_size)
-        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        return tuple(int(v) for v in to_2tuple(self.vision.get("image_size", CLIPVisionCfg.image_size)))
 
     @property
     def num_image_tokens(self) -> int:
-        patch = self.vision.get("patch_size", CLIPVisionCfg.patch_size)
-        (height, width), (ph, pw) = self.image_size, (patch, patch) if isinstance(patch, int) else patch
-        return (height // ph) * (width // pw)
+        patch = to_2tuple(self.vision.get("patch_size", CLIPVisionCfg.patch_size))
+        (height, width) = self.image_size
+        return (height // int(patch[0])) * (width // int(patch[1]))
 
 
 def is_composite_dir(path: Path | str) -> bool:
@@ -272,8 +272,9 @@ class CompositeVLM(nn.Module):
         try:
             text = json.dumps(self.config.to_json(), indent=2, ensure_ascii=False) + "\n"
             (tmp / MARKER).write_text(text, encoding="utf-8")
-            save_file(_contiguous(self.vision_encoder.state_dict()), str(tmp / VISION_FILE))
-            save_file(_contiguous(self.projector.state_dict()), str(tmp / PROJECTOR_FILE))
+            for module, file in ((self.vision_encoder, VISION_FILE), (self.projector, PROJECTOR_FILE)):
+                state = {name: t.detach().contiguous() for name, t in module.state_dict().items()}
+                save_file(state, str(tmp / file))
             self.language_model.save_pretrained(tmp / LANGUAGE_DIR)
             if processor is not None:
                 processor.save_pretrained(tmp)
@@ -288,8 +289,9 @@ class CompositeVLM(nn.Module):
         """Load a composite folder; `dtype` None keeps each part's stored dtype."""
         path = Path(path)
         config = read_config(path)
-        vision_state = _load_state(path / VISION_FILE)
-        projector_state = _load_state(path / PROJECTOR_FILE)
+        for file in (VISION_FILE, PROJECTOR_FILE):
+            if not (path / file).is_file():
+                raise VlmergeError(f"missing {path / file}")
         lm_dir = path / LANGUAGE_DIR
         if not (lm_dir / "config.json").is_file():
             raise VlmergeError(f"missing {lm_dir / 'config.json'} (the language tower of {path})")
@@ -299,15 +301,9 @@ class CompositeVLM(nn.Module):
                 model = cls(config, language_model)
         except VlmergeError as err:
             raise VlmergeError(f"{path / MARKER}: {err}") from None
-        model.vision_encoder = model.vision_encoder.to_empty(device="cpu")
-        model.projector = model.projector.to_empty(device="cpu")
-        _load_into(model.vision_encoder, vision_state, path / VISION_FILE, dtype)
-        _load_into(model.projector, projector_state, path / PROJECTOR_FILE, dtype)
+        _load_into(model.vision_encoder.to_empty(device="cpu"), path / VISION_FILE, dtype)
+        _load_into(model.projector.to_empty(device="cpu"), path / PROJECTOR_FILE, dtype)
         return model.to(device) if device is not None else model
-
-
-def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().contiguous() for name, tensor in state.items()}
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -319,17 +315,12 @@ def _replace_dir(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_state(file: Path) -> dict[str, torch.Tensor]:
-    if not file.is_file():
-        raise VlmergeError(f"missing {file}")
+def _load_into(module: nn.Module, file: Path, dtype: torch.dtype | None) -> None:
+    """Strict load with one message naming the file and the first offending tensor."""
     try:
-        return load_file(str(file))
+        state = load_file(str(file))
     except (SafetensorError, OSError) as err:
         raise VlmergeError(f"{file}: unreadable safetensors file ({err})") from None
-
-
-def _load_into(module: nn.Module, state: dict[str, torch.Tensor], file: Path, dtype: torch.dtype | None):
-    """Strict load with one message naming the file and the first offending tensor."""
     expected = module.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:

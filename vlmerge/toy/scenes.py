@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from functools import lru_cache
 
 from PIL import Image, ImageDraw
 
@@ -137,7 +138,8 @@ def render(scene: Scene) -> Image.Image:
     return image
 
 
-def question_specs(scene: Scene) -> list[QuestionSpec]:
+@lru_cache(maxsize=4096)
+def question_specs(scene: Scene) -> tuple[QuestionSpec, ...]:
     """Every question with exactly one true answer for this scene, in a fixed order."""
     kinds = [s.kind for s in scene.shapes]
     colours = [s.colour for s in scene.shapes]
@@ -153,7 +155,7 @@ def question_specs(scene: Scene) -> list[QuestionSpec]:
         if c in colours:
             specs.append(QuestionSpec("count_colour", c))
     specs += [QuestionSpec("what_at", p) for p in POSITIONS if len(scene.at(p)) == 1]
-    return specs
+    return tuple(specs)
 
 
 EN_QUESTIONS = {
@@ -241,7 +243,7 @@ def vqa_item(scene: Scene, spec: QuestionSpec, lang: str) -> dict:
 def _pick_specs(scene: Scene, per_scene: int | None, seed: int) -> list[QuestionSpec]:
     specs = question_specs(scene)
     if per_scene is None:
-        return specs
+        return list(specs)
     rng = random.Random(f"vlmerge-vqa:{seed}:{scene.id}")
     picked: list[QuestionSpec] = []
     while len(picked) < min(per_scene, len(specs)):

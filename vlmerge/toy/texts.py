@@ -173,8 +173,8 @@ def tokenizer_corpus(seed: int = 0, n: int = 600) -> list[str]:
     problems = P.make_problems(n, seed, every_op)
     texts = [*base_corpus(n, seed), *(e.text for e in japanese_llm_sft(n, seed))]
     for lang in S.LANGS:
-        texts += [e.text for e in vqa_examples(scenes, lang, per_scene=None)]
-        texts += [a for it in S.vqa_items(scenes, lang, per_scene=None) for a in it["answers"]]
+        for it in S.vqa_items(scenes, lang, per_scene=None):
+            texts += [S.VQA_PROMPT.format(question=it["question"]), *it["answers"]]
         texts += [e.text for e in math_examples(problems, lang) + reading_examples(problems, lang)]
         other = "en" if lang == "ja" else "ja"
         texts += [e.text for e in text_qa_examples(scenes[:50], lang, context_lang=other)]

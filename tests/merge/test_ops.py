@@ -297,6 +297,8 @@ def test_unknown_op_and_bad_shapes_are_refused():
     with pytest.raises(VlmergeError, match=r"deltas of shape \(2, 4, 3\).*base shape \(4, 4\)"):
         get_op("ties").fn(torch.zeros(4, 4), torch.zeros(2, 4, 3), OpArgs(weight=(1.0, 1.0)))
     base, _, deltas = make_inputs((5, 3), 2)
+    with pytest.raises(VlmergeError, match=r"deltas are torch.bfloat16 on cpu but the base is torch.float32"):
+        get_op("linear").fn(base, deltas.bfloat16(), OpArgs(weight=(1.0, 1.0)))
     with pytest.raises(VlmergeError, match=r"sorted_abs has shape \(1, 15\)"):
         get_op("ties").fn(base, deltas, OpArgs(weight=(1.0, 1.0), density=(0.5, 0.5)),
                           stats=delta_stats(deltas[:1]))  # fmt: skip

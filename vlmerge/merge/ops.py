@@ -4,24 +4,25 @@ Every op has one signature::
 
     op(base: Tensor[*S], deltas: Tensor[n, *S], p: OpArgs, *, generator=None, stats=None) -> Tensor[*S]
 
-`deltas[i]` = source_i - base, sources in a fixed order (the target first, then the donors). The op computes in
-the dtype it is given (slerp's reductions and interpolation run in float32, or float64 for float64 input, as
-in mergekit) and returns a new tensor of shape S in that dtype; inputs are never modified.
+`deltas[i]` = source_i - base, sources in a fixed order (the target first, then the donors). The op
+computes in the dtype it is given (slerp's reductions and interpolation run in float32, or float64 for float64
+input, as in mergekit) and returns a new tensor of shape S in that dtype; inputs are never modified.
 
-| op               | per source              | shared                      | normalize | rescale | base | random |
-|------------------|-------------------------|-----------------------------|-----------|---------|------|--------|
-| linear           | weight                  | normalize                   | True      | -       | no   | no     |
-| task_arithmetic  | weight                  | normalize, lambda_          | False     | -       | yes  | no     |
-| ties             | weight, density         | normalize, rescale, lambda_ | True      | False   | yes  | no     |
-| dare_ties        | weight, density         | normalize, rescale, lambda_ | False     | True    | yes  | yes    |
-| dare_linear      | weight, density         | normalize, rescale, lambda_ | False     | True    | yes  | yes    |
-| breadcrumbs      | weight, density, gamma  | normalize, rescale, lambda_ | False     | False   | yes  | no     |
-| breadcrumbs_ties | weight, density, gamma  | normalize, rescale, lambda_ | False     | False   | yes  | no     |
-| slerp            | -                       | t                           | -         | -       | no   | no     |
+| op               | per source             | shared                      | normalize | rescale | base | rnd |
+|------------------|------------------------|-----------------------------|-----------|---------|------|-----|
+| linear           | weight                 | normalize                   | True      | -       | no   | no  |
+| task_arithmetic  | weight                 | normalize, lambda_          | False     | -       | yes  | no  |
+| ties             | weight, density        | normalize, rescale, lambda_ | True      | False   | yes  | no  |
+| dare_ties        | weight, density        | normalize, rescale, lambda_ | False     | True    | yes  | yes |
+| dare_linear      | weight, density        | normalize, rescale, lambda_ | False     | True    | yes  | yes |
+| breadcrumbs      | weight, density, gamma | normalize, rescale, lambda_ | False     | False   | yes  | no  |
+| breadcrumbs_ties | weight, density, gamma | normalize, rescale, lambda_ | False     | False   | yes  | no  |
+| slerp            | -                      | t                           | -         | -       | no   | no  |
 
-Defaults are mergekit 0.1.5's (merge_methods/registry.py): density 1.0, gamma 0.01, lambda 1.0; weight and t
-have no mergekit default (OpArgs: weight must be given, t defaults to 0.5). An empty `density` or `gamma` tuple
-means the default for every source. Parameters an op does not read are ignored, not checked.
+`normalize` / `rescale`: the default of each switch. Defaults are mergekit 0.1.5's (its registry.py):
+density 1.0, gamma 0.01, lambda 1.0; weight and t have no mergekit default (OpArgs: weight must be given,
+t defaults to 0.5). An empty `density` or `gamma` tuple means the default for every source. Parameters an
+op does not read are ignored, not checked.
 
 "base: no" ops are defined by mergekit on the sources alone; here they use x_i = base + deltas[i], and their
 value does not depend on which base is chosen (up to float rounding):
@@ -46,7 +47,7 @@ import torch
 from torch import Tensor
 
 from vlmerge.errors import VlmergeError
-from vlmerge.merge.sparsify import DeltaStats, sparsify
+from vlmerge.merge.sparsify import DeltaStats, prune, scale_rows_
 
 DEFAULT_DENSITY = 1.0
 DEFAULT_GAMMA = 0.01
@@ -134,8 +135,13 @@ def _flag(value: bool | None, default: bool | None) -> bool:
 def _prepare(op_name: str, base: Tensor, deltas: Tensor, p: OpArgs) -> int:
     if deltas.dim() == 0 or tuple(deltas.shape[1:]) != tuple(base.shape):
         raise VlmergeError(
-            f"merge op {op_name!r}: deltas of shape {tuple(deltas.shape)} do not stack task vectors of the base "
-            f"shape {tuple(base.shape)} (expected [n, {', '.join(map(str, base.shape))}])"
+            f"merge op {op_name!r}: deltas of shape {tuple(deltas.shape)} do not stack task vectors of the "
+            f"base shape {tuple(base.shape)} (expected [n, {', '.join(map(str, base.shape))}])"
+        )
+    if deltas.dtype != base.dtype or deltas.device != base.device:
+        raise VlmergeError(
+            f"merge op {op_name!r}: deltas are {deltas.dtype} on {deltas.device} but the base is "
+            f"{base.dtype} on {base.device}; pass both in the compute dtype, on one device"
         )
     check_args(op_name, p, deltas.shape[0])
     return deltas.shape[0]
@@ -172,30 +178,31 @@ def _linear_divisor(p: OpArgs, spec: OpSpec) -> float:
     return 1.0 if abs(total) < 1e-8 else total
 
 
-def _sparse_task_arithmetic(spec: OpSpec, base: Tensor, deltas: Tensor, p: OpArgs,
-                            generator: torch.Generator | None, stats: DeltaStats | None) -> Tensor:  # fmt: skip
+def _sparse_task_arithmetic(
+    spec: OpSpec, base: Tensor, deltas: Tensor, p: OpArgs, generator: torch.Generator | None,
+    stats: DeltaStats | None,
+) -> Tensor:  # fmt: skip
     """The GTA family with sparsification (ties, dare_*, breadcrumbs*): see the module docstring."""
     n = _prepare(spec.name, base, deltas, p)
     if base.numel() == 0:
         return base.clone()
-    weighted = sparsify(
+    kept, factors = prune(
         deltas,
         spec.sparsification,
         p.density or (DEFAULT_DENSITY,) * n,
         gamma=p.gamma or (DEFAULT_GAMMA,) * n,
         rescale=_flag(p.rescale, spec.rescale),
-        coef=p.weight,
         generator=generator,
         stats=stats,
     )
-    normalize = _flag(p.normalize, spec.normalize)
-    if not spec.consensus:
-        mixed = weighted.sum(0)
+    if not spec.consensus:  # one gemv: base + scale * sum_i (w_i * factor_i) kept_i
+        coef = _weights(p, kept) if factors is None else _weights(p, kept) * factors
         scale = p.lambda_ / _linear_divisor(p, spec)
-        return mixed.mul_(scale).add_(base) if scale != 1 else mixed.add_(base)
+        return torch.addmv(base.reshape(-1), kept.T, coef, alpha=scale).view(base.shape)
+    weighted = scale_rows_(kept, p.weight, factors).view(deltas.shape)
     agree = torch.where(weighted.sum(0) >= 0, weighted > 0, weighted < 0)
     mixed = weighted.mul_(agree).sum(0)
-    if normalize:
+    if _flag(p.normalize, spec.normalize):
         divisor = torch.zeros_like(mixed)
         for i, w in enumerate(p.weight):
             divisor.add_(agree[i], alpha=w)
@@ -240,8 +247,9 @@ def slerp(base: Tensor, deltas: Tensor, p: OpArgs, *, generator: torch.Generator
     """Spherical interpolation from x0 = base + deltas[0] (t = 0) to x1 = base + deltas[1] (t = 1)."""
     _prepare("slerp", base, deltas, p)
     work = torch.float64 if base.dtype == torch.float64 else torch.float32
-    x0 = (base + deltas[0]).to(work).reshape(-1)
-    x1 = (base + deltas[1]).to(work).reshape(-1)
+    base_work = base.to(work)  # add in the working dtype, as mergekit receives x0 and x1 themselves
+    x0 = torch.add(base_work, deltas[0]).reshape(-1)
+    x1 = torch.add(base_work, deltas[1]).reshape(-1)
     norm0 = torch.linalg.vector_norm(x0)
     norm1 = torch.linalg.vector_norm(x1)
     norm0 = torch.where(norm0 > NORM_EPS, norm0, 1)
@@ -266,12 +274,12 @@ OPS: dict[str, OpSpec] = {
                random=False, normalize=False),
         OpSpec("ties", ties, ("weight", "density"), _GTA, needs_base=True, random=False, normalize=True,
                rescale=False, sparsification="magnitude", consensus=True),
-        OpSpec("dare_ties", dare_ties, ("weight", "density"), _GTA, needs_base=True, random=True, normalize=False,
-               rescale=True, sparsification="random", consensus=True),
+        OpSpec("dare_ties", dare_ties, ("weight", "density"), _GTA, needs_base=True, random=True,
+               normalize=False, rescale=True, sparsification="random", consensus=True),
         OpSpec("dare_linear", dare_linear, ("weight", "density"), _GTA, needs_base=True, random=True,
                normalize=False, rescale=True, sparsification="random"),
-        OpSpec("breadcrumbs", breadcrumbs, ("weight", "density", "gamma"), _GTA, needs_base=True, random=False,
-               normalize=False, rescale=False, sparsification="magnitude_outliers"),
+        OpSpec("breadcrumbs", breadcrumbs, ("weight", "density", "gamma"), _GTA, needs_base=True,
+               random=False, normalize=False, rescale=False, sparsification="magnitude_outliers"),
         OpSpec("breadcrumbs_ties", breadcrumbs_ties, ("weight", "density", "gamma"), _GTA, needs_base=True,
                random=False, normalize=False, rescale=False, sparsification="magnitude_outliers",
                consensus=True),

@@ -251,6 +251,7 @@ def test_defaults_and_parameters_are_mergekits(op):
         assert theirs["density"].default == 1.0 and theirs["lambda"].default == 1.0
     if "gamma" in spec.per_source:
         assert theirs["gamma"].default == 0.01
+    assert spec.uses_stats == (op in ("ties", "breadcrumbs", "breadcrumbs_ties"))
 
 
 def test_empty_tensors_merge_to_empty():

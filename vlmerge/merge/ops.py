@@ -87,6 +87,11 @@ class OpSpec:
     sparsification: str | None = None  # sparsify.METHODS name
     consensus: bool = False  # TIES sign election
 
+    @property
+    def uses_stats(self) -> bool:
+        """Whether `stats` (DeltaStats) speeds this op up: magnitude thresholds."""
+        return self.sparsification in ("magnitude", "magnitude_outliers")
+
 
 def _fail(op: str, what: str) -> None:
     raise VlmergeError(f"merge op {op!r}: {what}")

@@ -9,7 +9,9 @@ DARE's textbook 1/density factor; mergekit 0.1.5 matches the L1 norm for every m
 
 Magnitude pruning is a threshold, not an argsort: keep |d| >= (k-th largest |d|). The threshold is one index
 into `DeltaStats.sorted_abs` when the caller precomputed it (once per tensor, reused by every search
-candidate), else one `torch.kthvalue`; both return the same element, so the results are bit-identical.
+candidate), else one selection (kthvalue on CPU, a sort on GPU); all return the same element, so the results
+are bit-identical. On an H200, TIES over three 4096x14336 float32 task vectors took 5 ms with stats, 13 ms
+without, and `delta_stats` 8 ms (measured 2026-11).
 Tie handling differs from mergekit's argsort only when several entries share the boundary magnitude: the
 threshold keeps all of them (slightly more than k entries), argsort keeps an arbitrary k. With float32 task
 vectors this practically never happens; with bf16 ones it keeps one more quantisation bucket.
@@ -17,7 +19,8 @@ vectors this practically never happens; with bf16 ones it keeps one more quantis
 DARE masks are `torch.rand(...) < density` drawn from a caller-seeded generator (see `tensor_generator`), in
 float32 whatever the compute dtype, so one seed gives one mask; masks are nested across densities (a higher
 density keeps a superset), which keeps the search's objective smooth in density. Masks depend on the
-generator's device type (a CUDA stream differs from the CPU one).
+generator's device (the CPU and CUDA streams differ; PyTorch's CUDA launch geometry may differ between GPU
+models): score and export a DARE recipe on the same kind of device to get the same model.
 """
 
 from __future__ import annotations

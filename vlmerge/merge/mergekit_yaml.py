@@ -1,0 +1,439 @@
+"""mergekit 0.1.5 YAML <-> vlmerge recipe, with mergekit's meaning of every parameter.
+
+mergekit resolves a parameter for one tensor of one model as: the model's own `parameters`, else the top-level
+`parameters`, else the method default. A setting is a number, a gradient (a list of numbers) or a list of
+`{filter, value}` entries where the first entry whose filter is a substring of the tensor name wins (no filter
+or "*" matches all). A gradient [v_0 .. v_{m-1}] is read at t: k = int(t (m - 1)), f = t (m - 1) - k,
+value = (1 - f) v_k + f v_{k+1}; layer i of n has t = i / (n - 1) (t = 1 when n = 1) and every non-layer
+tensor (embeddings, final norm, lm_head) has t = 0, i.e. the first value (mergekit/plan.py). A list of one
+value per layer therefore gives each layer its own value (up to one rounding of t (n - 1)).
+
+vlmerge rules are last-match, so `from_mergekit` emits the top-level settings first, then each model's, each
+filter list in reverse order, a gradient as one rule for t = 0 plus one rule per run of equal layers.
+
+Roles follow mergekit: task-arithmetic methods (ties, dare_*, breadcrumbs*) need `base_model` and never merge
+it as an input (listing it changes nothing); linear merges every listed model plus `base_model` when given and
+not listed; slerp needs `base_model` as its t = 0 end plus exactly one other model. The target is the one VLM
+among the models when there is one, else the base for slerp, else the first input. DARE masks are drawn from
+vlmerge's seeded generators, not mergekit's, so dare_* agree in distribution only.
+
+mergekit-yaml options, for reference: --cuda = `device=cuda`; --out-shard-size counts bytes like
+`max_shard_size`; --copy-tokenizer is what vlmerge always does (from the target, with every other non-weight
+file); --lazy-unpickle has no counterpart (safetensors are read lazily; pickles need `allow_pickle=true`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+
+import torch
+import yaml
+
+from vlmerge.errors import VlmergeError
+from vlmerge.merge.ops import get_op
+from vlmerge.merge.recipe import SOURCE_PARAMS, Recipe, Rule
+from vlmerge.models.checkpoint import Checkpoint
+from vlmerge.models.source import ModelRef
+from vlmerge.models.towers import detect_family, layer_of, module_kind
+
+log = logging.getLogger(__name__)
+
+TOP_KEYS = ("merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
+            "tokenizer", "chat_template", "slices", "modules")  # fmt: skip
+SWITCHES = ("normalize", "rescale", "lambda", "int8_mask")
+PARAMS = (*SOURCE_PARAMS, "t", *SWITCHES)
+KIND_FILTERS = ("self_attn", "mlp", "norm", "embed_tokens", "lm_head")
+
+Value = float | tuple[float, ...]  # a scalar or a gradient
+Conditions = list[tuple[str | None, Value]]  # (filter, value), first match wins
+
+
+def _float(raw, where: str) -> float:
+    if isinstance(raw, str):  # YAML reads 1e-3 as a string; mergekit's pydantic takes it as a number
+        try:
+            raw = float(raw)
+        except ValueError:
+            pass
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        raise VlmergeError(f"{where} = {raw!r} is not a number")
+    return float(raw)
+
+
+def _value(raw, where: str) -> Value:
+    if isinstance(raw, list):
+        if not raw:
+            raise VlmergeError(f"{where}: an empty gradient list")
+        return tuple(_float(v, f"{where}[{i}]") for i, v in enumerate(raw))
+    return _float(raw, where)
+
+
+def _conditions(setting, where: str) -> Conditions:
+    """A mergekit setting as (filter, value) entries; a plain value is one entry without filter."""
+    if isinstance(setting, Mapping):
+        setting = [setting]
+    if not (isinstance(setting, list) and setting and all(isinstance(e, Mapping) for e in setting)):
+        return [(None, _value(setting, where))]
+    out = []
+    for i, entry in enumerate(setting):
+        if "value" not in entry or set(entry) - {"value", "filter"}:
+            raise VlmergeError(f"{where}[{i}]: want `value` and optionally `filter`: {dict(entry)}")
+        flt = entry.get("filter")
+        out.append((None if flt in (None, "*") else str(flt), _value(entry["value"], f"{where}[{i}].value")))
+    return out
+
+
+def value_at(value: Value, t: float) -> float:
+    """mergekit's reading of a gradient at t (config.evaluate_setting), float for float."""
+    if not isinstance(value, tuple):
+        return value
+    scaled = t * (len(value) - 1)
+    i0 = int(scaled)
+    i1 = min(len(value) - 1, i0 + 1)
+    frac = scaled - i0
+    return float((1 - frac) * value[i0] + frac * value[i1])
+
+
+def layer_t(layer: int, depth: int) -> float:
+    return layer / (depth - 1) if depth > 1 else 1.0
+
+
+def _rules(conds: Conditions, param: str, source: str | None, depth: int, flip: bool) -> list[Rule]:
+    """Rules giving `param` mergekit's value on every tensor a condition list selects (reverse: last wins)."""
+    fix = (lambda v: 1.0 - v) if flip else (lambda v: v)
+    rules = []
+    for flt, value in reversed(conds):
+        first = fix(value_at(value, 0.0))
+        rules.append(Rule(values={param: first}, source=source, match=flt))
+        if isinstance(value, tuple):
+            per_layer = [fix(value_at(value, layer_t(i, depth))) for i in range(depth)]
+            start = 0
+            for i in range(1, depth + 1):
+                if i == depth or per_layer[i] != per_layer[start]:
+                    if per_layer[start] != first:
+                        rules.append(Rule(values={param: per_layer[start]}, source=source,
+                                          layers=(start, i - 1), match=flt))  # fmt: skip
+                    start = i
+    return rules
+
+
+def _model(raw, where: str) -> tuple[str, str | None]:
+    """A mergekit model reference ("path", "path@revision" or {model: ...}) as (path, revision)."""
+    if isinstance(raw, Mapping):
+        extra = {k for k, v in raw.items() if v is not None} - {"model", "path", "revision"}
+        if extra:
+            raise VlmergeError(f"{where}: {sorted(extra)} not supported (merge LoRAs into their model first)")
+        inner = raw.get("model", raw)
+        if isinstance(inner, Mapping):
+            return str(inner["path"]), inner.get("revision")
+        return _model(inner, where)
+    if not isinstance(raw, str) or not raw or "+" in raw or raw.count("@") > 1:
+        raise VlmergeError(f"{where} = {raw!r}: give a model folder or hub id (LoRA `+adapter`: unsupported)")
+    path, _, revision = raw.partition("@")
+    return path, revision or None
+
+
+def _name(path: str, taken: set[str]) -> str:
+    stem = re.sub(r"\W+", "_", path.rstrip("/").rsplit("/", 1)[-1]).strip("_") or "model"
+    name, i = stem, 2
+    while name in taken:
+        name, i = f"{stem}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def _ref(model: tuple[str, str | None]) -> str | dict:
+    return model[0] if model[1] is None else {"path": model[0], "revision": model[1]}
+
+
+def _params(raw, where: str, op: str, top: bool) -> dict:
+    """The parameters of one setting level that the method reads (mergekit ignores the others: warned)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise VlmergeError(f"{where} must be a mapping of parameter names, got {raw!r}")
+    unknown = set(raw) - set(PARAMS)
+    if unknown:
+        raise VlmergeError(f"{where}: unknown parameter(s) {sorted(unknown)}; known: {list(PARAMS)}")
+    spec = get_op(op)
+    read = set(spec.per_source)
+    if top:  # shared parameters come from the top level only
+        read |= {"lambda" if p == "lambda_" else p for p in spec.shared}
+        read |= {"int8_mask"} if spec.needs_base else set()
+    for key in sorted(set(raw) - read):
+        log.warning("%s.%s is not read by %s here (mergekit ignores it too): dropped", where, key, op)
+    return {k: v for k, v in raw.items() if k in read}
+
+
+def _switch(raw: dict, key: str, where: str):
+    if key not in raw:
+        return None
+    value = raw[key]
+    if key == "lambda":
+        if isinstance(value, (list, Mapping)):
+            raise VlmergeError(f"{where}.lambda = {value!r}: vlmerge takes one lambda for all tensors")
+        return _float(value, f"{where}.lambda")
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+    if not isinstance(value, bool):
+        raise VlmergeError(f"{where}.{key} = {value!r}: give true or false (one value for all tensors)")
+    return value
+
+
+def from_mergekit(raw: Mapping, where: str) -> tuple[Recipe, dict]:
+    """A mergekit YAML (already parsed) as a vlmerge recipe and its pool (target, donors, base)."""
+    unknown = set(raw) - set(TOP_KEYS)
+    if unknown:
+        raise VlmergeError(f"{where}: unknown mergekit key(s) {sorted(unknown)}; known: {list(TOP_KEYS)}")
+    for key, why in (("slices", "give per-layer value lists instead of slices"),
+                     ("modules", "only `models` configs are supported"),
+                     ("tokenizer", "vlmerge keeps the target's tokenizer")):  # fmt: skip
+        if raw.get(key) is not None:
+            raise VlmergeError(f"{where}: `{key}` is not supported ({why})")
+    method = raw.get("merge_method")
+    try:
+        op = get_op(method).name
+    except VlmergeError:
+        raise VlmergeError(f"{where}: merge_method {method!r} is not supported; supported: "
+                           f"{', '.join(sorted(_ops()))}") from None  # fmt: skip
+    spec = get_op(op)
+    entries = raw.get("models")
+    if not isinstance(entries, list) or not entries:
+        raise VlmergeError(f"{where}: `models` must be a non-empty list of {{model, parameters}} entries")
+    listed, model_params = [], {}
+    for i, entry in enumerate(entries):
+        at = f"{where}.models[{i}]"
+        if not isinstance(entry, Mapping) or "model" not in entry or set(entry) - {"model", "parameters"}:
+            raise VlmergeError(f"{at}: expected a mapping with `model` and optional `parameters`: {entry!r}")
+        model = _model(entry["model"], f"{at}.model")
+        if model in listed:
+            raise VlmergeError(f"{at}: {model[0]} is listed twice")
+        listed.append(model)
+        model_params[model] = _params(entry.get("parameters"), f"{at}.parameters", op, top=False)
+    base = _model(raw["base_model"], f"{where}.base_model") if raw.get("base_model") is not None else None
+    if base is None and (spec.needs_base or op == "slerp"):
+        raise VlmergeError(f"{where}: merge_method {op} needs `base_model`")
+    if spec.needs_base:  # the base is never an input of a task-arithmetic method
+        inputs = [m for m in listed if m != base]
+    else:  # linear and slerp merge the base too when it is not listed
+        inputs = listed + ([base] if base is not None and base not in listed else [])
+    if not inputs:
+        raise VlmergeError(f"{where}: no model to merge besides base_model")
+    if op == "slerp" and len(inputs) != 2:
+        raise VlmergeError(f"{where}: slerp merges base_model and one other model ({len(inputs)} inputs)")
+    vlms = [m for m in dict.fromkeys([*inputs, *([base] if base else [])]) if _family(m).is_vlm]
+    if len(vlms) > 1:
+        raise VlmergeError(f"{where}: more than one VLM ({', '.join(m[0] for m in vlms)}); merge into one")
+    target = vlms[0] if vlms else base if op == "slerp" else inputs[0]
+    flip = op == "slerp" and target != base  # slerp from A to B at t = slerp from B to A at 1 - t
+    zero_target = target not in inputs  # a VLM given as base_model: merged with weight 0 (its delta is 0)
+    taken = {"target", "base"}
+    names = {target: "target", **{m: _name(m[0], taken) for m in inputs if m != target}}
+    depth = _family(target).depth(ModelRef(*target).resolve())
+
+    top = _params(raw.get("parameters"), f"{where}.parameters", op, top=True)
+    rules = []
+    for param in spec.per_source:
+        if param in top:
+            rules += _rules(_conditions(top[param], f"{where}.parameters.{param}"), param, None, depth, False)
+    for model, name in names.items():
+        own = model_params.get(model, {})
+        for param, setting in own.items():
+            conds = _conditions(setting, f"{where}.models.{model[0]}.{param}")
+            rules += _rules(conds, param, name, depth, False)
+        weightless = "weight" in spec.per_source and "weight" not in top and "weight" not in own
+        if weightless and not (zero_target and name == "target"):
+            raise VlmergeError(f"{where}: model {model[0]} has no `weight` (mergekit requires one; set it in "
+                               "its parameters or in the top-level parameters)")  # fmt: skip
+    if op == "slerp":
+        if "t" not in top:
+            raise VlmergeError(f"{where}: slerp needs `t` in the top-level parameters")
+        rules += _rules(_conditions(top["t"], f"{where}.parameters.t"), "t", None, depth, flip)
+    if zero_target:
+        rules.append(Rule(values={"weight": 0.0}, source="target"))
+    if (raw.get("parameters") or {}).get("int8_mask"):
+        log.warning("%s: int8_mask only changes mergekit's mask dtype; ignored", where)
+    _check_tokenizer(raw, where, target, base)
+    pool = {"target": _ref(target), "donors": {n: _ref(m) for m, n in names.items() if n != "target"}}
+    if spec.needs_base and base != target:
+        pool["base"] = _ref(base)
+    recipe = Recipe(op=op, sources=tuple(names.values()), rules=tuple(rules),
+                    normalize=_switch(top, "normalize", f"{where}.parameters"),
+                    rescale=_switch(top, "rescale", f"{where}.parameters"),
+                    lambda_=_switch(top, "lambda", f"{where}.parameters") or 1.0, pool=pool)  # fmt: skip
+    return recipe, pool
+
+
+def _ops() -> list[str]:
+    from vlmerge.merge.ops import OPS
+
+    return list(OPS)
+
+
+def _family(model: tuple[str, str | None]):
+    return detect_family(ModelRef(path=model[0], revision=model[1]).resolve())
+
+
+def _check_tokenizer(raw: Mapping, where: str, target, base) -> None:
+    source = raw.get("tokenizer_source")
+    if source == "base":
+        ok = base == target
+    elif source is None or source == "union":
+        ok = source is None
+    else:
+        try:
+            ok = _model(source, f"{where}.tokenizer_source") == target
+        except VlmergeError:
+            ok = False
+    if not ok:
+        raise VlmergeError(f"{where}: tokenizer_source = {source!r} is not supported: vlmerge keeps the "
+                           f"target's tokenizer ({target[0]}) and merges the vocabulary rows all models "
+                           "share; remove tokenizer_source or set it to the target")  # fmt: skip
+    for key in ("dtype", "out_dtype"):
+        if raw.get(key) not in (None, "float32"):
+            log.warning("%s: %s = %s: vlmerge-merge computes in compute_dtype (float32) and writes the "
+                        "target's dtype unless out_dtype=... is given", where, key, raw[key])  # fmt: skip
+    if raw.get("chat_template") is not None:
+        log.warning("%s: chat_template ignored: the target's chat template is kept", where)
+
+
+def to_mergekit(recipe: Recipe, pool_cfg: Mapping, depth: int) -> dict:
+    """The mergekit config that merges a causal-LM pool like `recipe` (what the text-path search exports).
+
+    Per-layer and per-kind rules become per-layer value lists and filters; the result is checked tensor by
+    tensor against the recipe while it is built. Refused: VLM targets (mergekit drops their language tower),
+    layer maps and kept tensors, and a task-arithmetic recipe whose base is the target when the target's
+    weight would still count (a normalising method without sign election).
+    """
+    pool = dict(pool_cfg)
+    for key in ("layer_map", "keep"):
+        if pool.get(key):
+            raise VlmergeError(f"pool.{key} has no mergekit equivalent; cannot write a mergekit config")
+    target = _model(_path_of(pool["target"]), "pool.target")
+    donors = {n: _model(_path_of(r), f"pool.donors.{n}") for n, r in dict(pool.get("donors") or {}).items()}
+    base = _model(_path_of(pool["base"]), "pool.base") if pool.get("base") is not None else target
+    if tuple(recipe.sources) != ("target", *donors):
+        raise VlmergeError(f"recipe sources {list(recipe.sources)} != the pool's {['target', *donors]}")
+    folder = ModelRef(*target).resolve()
+    spec = detect_family(folder)
+    if spec.is_vlm:
+        raise VlmergeError(f"the target {target[0]} is a VLM ({spec.family}); mergekit cannot merge inside a "
+                           "VLM's language tower, so there is no equivalent mergekit config")  # fmt: skip
+    if spec.depth(folder) != depth:
+        raise VlmergeError(f"depth {depth} given, but {target[0]} has {spec.depth(folder)} layers")
+    checkpoint = Checkpoint(folder)
+    names = [n for n in map(spec.tower_name, checkpoint.names) if n is not None]
+    op = get_op(recipe.op)
+    hints = [*dict.fromkeys(r.match for r in recipe.rules if r.match), *KIND_FILTERS]
+
+    def expected(param: str, index: int) -> dict[str, float]:
+        args = [recipe.args_for(n, layer_of(n), module_kind(n)) for n in names]
+        return {n: a.t if param == "t" else getattr(a, param)[index] for n, a in zip(names, args)}
+
+    def model_entry(source: str, model) -> dict:
+        index = recipe.sources.index(source)
+        params = [p for p in op.per_source if p == "weight" or any(p in r.values for r in recipe.rules)]
+        setting = {p: _setting(expected(p, index), depth, hints, f"{source}.{p}") for p in params}
+        return {"model": _mk_model(model), **({"parameters": setting} if setting else {})}
+
+    sources = {"target": target, **donors}
+    out: dict = {"merge_method": op.name}
+    top: dict = {}
+    if op.name == "slerp":
+        out["base_model"] = _mk_model(target)
+        out["models"] = [{"model": _mk_model(target)}, {"model": _mk_model(donors[recipe.sources[1]])}]
+        top["t"] = _setting(expected("t", 0), depth, hints, "t")
+    elif op.needs_base:
+        out["base_model"] = _mk_model(base)
+        listed = [s for s, m in sources.items() if m != base]
+        normalize = op.normalize if recipe.normalize is None else recipe.normalize
+        if base == target and not op.consensus and normalize and any(expected("weight", 0).values()):
+            raise VlmergeError(f"{op.name} with the target as base: the target's weight counts in the "
+                               "normalisation here but mergekit never merges its base; set its weight to 0")
+        out["models"] = [model_entry(s, sources[s]) for s in listed]
+    else:
+        out["models"] = [model_entry(s, m) for s, m in sources.items()]
+    for key, value in (("normalize", recipe.normalize), ("rescale", recipe.rescale)):
+        if value is not None and key in op.shared:
+            top[key] = value
+    if "lambda_" in op.shared and recipe.lambda_ != 1:
+        top["lambda"] = recipe.lambda_
+    if top:
+        out["parameters"] = top
+    out["dtype"] = "float32"  # vlmerge's default compute_dtype
+    stored = _DTYPE_NAMES.get(checkpoint.dtype(checkpoint.names[0]))
+    if stored not in (None, "float32"):
+        out["out_dtype"] = stored  # vlmerge writes the target's dtype
+    return out
+
+
+def to_mergekit_yaml(recipe: Recipe, pool_cfg: Mapping, depth: int) -> str:
+    return yaml.dump(to_mergekit(recipe, pool_cfg, depth), Dumper=_FlowNumbers, sort_keys=False)
+
+
+class _FlowNumbers(yaml.SafeDumper):
+    """Lists of numbers on one line, like mergekit's own dumper."""
+
+    def represent_list(self, data):
+        flow = all(isinstance(e, (int, float)) for e in data)
+        return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_FlowNumbers.add_representer(list, _FlowNumbers.represent_list)
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _path_of(ref) -> str | dict:
+    return ref if isinstance(ref, str) else {"path": ref["path"], "revision": ref.get("revision")}
+
+
+def _mk_model(model: tuple[str, str | None]) -> str:
+    return model[0] if model[1] is None else f"{model[0]}@{model[1]}"
+
+
+def _setting(expected: Mapping[str, float], depth: int, hints: list[str], what: str):
+    """A mergekit setting giving every tensor its expected value: one value, one per-layer list, or filters.
+
+    Tensors are grouped by layer-free name; the value that fits most tensors is the catch-all, the others get
+    the broadest filters (hints first, then the group's own names) that capture only tensors they fit.
+    """
+
+    def fits(value: Value, name: str) -> bool:
+        layer = layer_of(name)
+        got = value_at(value, 0.0 if layer is None else layer_t(layer, depth))
+        return abs(got - expected[name]) <= 1e-12 * max(1.0, abs(expected[name]))
+
+    classes: dict[str, list[str]] = {}  # filter key (full name, or ".suffix" of a layer tensor) -> names
+    for name in expected:
+        classes.setdefault(name if layer_of(name) is None else "." + name.split(".", 3)[3], []).append(name)
+    groups: dict[str, list[str]] = {}
+    values: dict[str, Value] = {}
+    for key, members in classes.items():
+        members.sort(key=lambda n: layer_of(n) or 0)
+        if key.startswith(".") and [layer_of(n) for n in members] != list(range(depth)):
+            groups.update((n, [n]) for n in members)  # not in every layer: one filter per tensor
+            values.update((n, expected[n]) for n in members)
+            continue
+        per = tuple(expected[n] for n in members)
+        groups[key], values[key] = members, per[0] if len(set(per)) == 1 else per
+    default = max(dict.fromkeys(values.values()), key=lambda v: sum(fits(v, n) for n in expected))
+    taken: set[str] = set()
+    conds: list[dict] = []
+    for value in dict.fromkeys(v for k, v in values.items() if not all(fits(default, n) for n in groups[k])):
+        need = {n for k, v in values.items() if v == value for n in groups[k] if not fits(default, n)} - taken
+        for flt in [*hints, *(k for k, v in values.items() if v == value)]:
+            captured = {n for n in expected if flt in n} - taken
+            if need & captured and all(fits(value, n) for n in captured):
+                conds.append({"filter": flt, "value": _plain(value)})
+                taken |= captured
+                need -= captured
+        if need:
+            raise VlmergeError(f"{what}: no mergekit filter selects exactly {sorted(need)[:3]}")
+    if not conds:
+        return _plain(default)
+    return [*conds, {"value": _plain(default)}]
+
+
+def _plain(value: Value) -> float | list[float]:
+    return list(value) if isinstance(value, tuple) else value

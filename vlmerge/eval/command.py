@@ -83,13 +83,6 @@ def _load_recipe(cfg: DictConfig, path: str) -> ModelBundle:
     """The recipe's pool target, loaded, with the recipe's merged tower written into it in memory."""
     from vlmerge.merge.command import open_pool, read_recipe_file
 
-    try:
-        from vlmerge.merge.resident import apply_recipe
-    except ImportError:
-        raise VlmergeError(
-            "evaluating a recipe in memory needs vlmerge.merge.resident.apply_recipe, which this "
-            "installation lacks; export the model with vlmerge-merge and evaluate it with model=DIR"
-        ) from None
     recipe, recipe_pool = read_recipe_file(path)
     chosen = cfg.get("pool")
     pool_cfg = OmegaConf.to_container(chosen, resolve=True) if chosen is not None else recipe_pool
@@ -101,6 +94,13 @@ def _load_recipe(cfg: DictConfig, path: str) -> ModelBundle:
     pool = open_pool(
         pool_cfg, allow_vocab_mismatch=bool(cfg.allow_vocab_mismatch), allow_pickle=bool(cfg.allow_pickle)
     )
+    try:
+        from vlmerge.merge.resident import apply_recipe
+    except ImportError:
+        raise VlmergeError(
+            "evaluating a recipe in memory needs vlmerge.merge.resident.apply_recipe, which this "
+            "installation lacks; export the model with vlmerge-merge and evaluate it with model=DIR"
+        ) from None
     ref = replace(pool.target.ref, dtype=cfg.get("dtype") or pool.target.ref.dtype, device=_device(cfg))
     bundle = load_model(
         ref, trust_remote_code=bool(cfg.trust_remote_code), attn_implementation=cfg.attn_implementation

@@ -1,0 +1,75 @@
+"""Re-score given recipes with no search (baselines, a recipe from another run, a hand-written one).
+
+Each recipe is encoded by the genome (it must be expressible by it: `Genome.encode` says what is not) and
+scored by the same fitness as the search, so the numbers are comparable with a search's trials.jsonl.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vlmerge.errors import VlmergeError
+from vlmerge.merge.recipe import load_recipe
+from vlmerge.search.checkpoint import BEST, TRIALS, TrialLog, write_json
+from vlmerge.search.fitness import Problem
+from vlmerge.search.loop import (
+    Lazy,
+    SearchInterrupted,
+    SearchResult,
+    best_json,
+    evaluate_generation,
+    make_result,
+    sigterm_as_interrupt,
+    update_best,
+)
+from vlmerge.search.workers import make_workers
+
+
+@dataclass(frozen=True)
+class FixedSearch:
+    recipes: Sequence[str] = ()  # recipe YAML files, scored in this order (generation 0, index = position)
+    workers: int = 1
+    resume: bool = False  # reuse the successful trials already logged in the run dir
+    ray_address: str | None = None
+    gpus_per_worker: float | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "recipes", tuple(str(r) for r in self.recipes))
+        if not self.recipes:
+            raise VlmergeError("search.recipes is empty: list the recipe files to score")
+
+    def run(self, problem: Problem, run_dir: Path | str) -> SearchResult:
+        if problem.encode is None:
+            raise VlmergeError("re-scoring recipes needs Problem.encode (use Problem.for_genome)")
+        xs = [np.asarray(problem.encode(load_recipe(path)), dtype=float) for path in self.recipes]
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        trials = TrialLog(run_dir / TRIALS)
+        carried = trials.read()
+        if carried and not self.resume:
+            raise VlmergeError(
+                f"{run_dir} already holds trials; pass resume=true to reuse them, or use a new run dir"
+            )
+        trials.rewrite([])
+        workers = Lazy(
+            lambda: make_workers(
+                problem, self.workers, address=self.ray_address, gpus_per_worker=self.gpus_per_worker
+            )
+        )
+        try:
+            with sigterm_as_interrupt():
+                outcomes = evaluate_generation(xs, 0, 0, carried, workers, trials, problem)
+        except KeyboardInterrupt:
+            raise SearchInterrupted(
+                f"re-scoring interrupted; resume=true reuses the trials in {run_dir}"
+            ) from None
+        finally:
+            trials.close()
+            workers.close()
+        best = update_best(None, xs, outcomes, 0, 0)
+        write_json(run_dir / BEST, best_json(best, problem))
+        return make_result(best, problem, len(xs), 1, run_dir)

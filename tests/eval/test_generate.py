@@ -135,6 +135,16 @@ def test_out_of_memory_names_half_the_batch(bundles, monkeypatch):
         generate(bundle, prompts[:1], None, GenerationSettings(batch_size=1))
 
 
+def test_out_of_memory_while_moving_inputs(bundles, monkeypatch):
+    def oom(prompts, images):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    monkeypatch.setattr(type(bundles["llava"]), "encode", lambda self, prompts, images: oom(prompts, images))
+    prompts, images = inputs_for(bundles["llava"])
+    with pytest.raises(VlmergeError, match=r"batch of 5 prompts.*task\.batch_size=2"):
+        generate(bundles["llava"], prompts, images, GenerationSettings(batch_size=8))
+
+
 def test_other_runtime_errors_are_not_disguised(bundles, monkeypatch):
     bundle = bundles["base"]
     monkeypatch.setattr(

@@ -160,7 +160,7 @@ def generate(
             torch.manual_seed(settings.seed)
             for start in range(0, len(order), settings.batch_size):
                 chunk = order[start : start + settings.batch_size]
-                texts = _generate_batch(
+                texts = _guarded_batch(
                     bundle, [prompts[i] for i in chunk], _images([images[i] for i in chunk]), settings, kwargs
                 )
                 for i, text in zip(chunk, texts):
@@ -174,6 +174,22 @@ def generate(
 def _rng_devices(bundle: ModelBundle) -> list:
     device = bundle.device
     return [device] if device.type == "cuda" else []
+
+
+def _guarded_batch(
+    bundle: ModelBundle, prompts: list[str], images, settings: GenerationSettings, kwargs: dict
+):
+    """One batch; out-of-memory (moving inputs or generating) becomes advice on the batch size.
+
+    The advice is raised after the except block, once the failed batch's tensors are unreachable, so that
+    the cache can actually be emptied.
+    """
+    try:
+        return _generate_batch(bundle, prompts, images, settings, kwargs)
+    except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_out_of_memory(error):
+            raise
+    raise _oom_error(len(prompts), settings)
 
 
 @torch.no_grad()
@@ -191,15 +207,9 @@ def _generate_batch(
         if settings.stop
         else None
     )
-    try:
-        out = bundle.model.generate(
-            **inputs, **kwargs, pad_token_id=bundle.pad_token_id, stopping_criteria=stopping
-        )
-    except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError
-        if is_out_of_memory(error):
-            del inputs
-            raise _oom_error(len(prompts), settings) from None
-        raise
+    out = bundle.model.generate(
+        **inputs, **kwargs, pad_token_id=bundle.pad_token_id, stopping_criteria=stopping
+    )
     sequences = out if isinstance(out, torch.Tensor) else out.sequences
     new_tokens = bundle.new_tokens(sequences, prompt_length)
     return bundle.tokenizer.batch_decode(

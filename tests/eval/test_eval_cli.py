@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from vlmerge.errors import VlmergeError
 from vlmerge.eval.command import eval_command
+from vlmerge.merge.command import export_recipe, open_pool, read_recipe_file
 
 REPO = Path(__file__).resolve().parents[2]
 TOY_VQA = REPO / "eval_data" / "toy_vqa_ja"
@@ -168,6 +170,28 @@ def test_recipe_without_models_is_refused(tmp_path):
     recipe.write_text("op: linear\nsources: [target]\n")
     with pytest.raises(VlmergeError, match="names no models"):
         run_eval(f"recipe={recipe}", "task=toy_math_ja", f"task.data={TOY_MATH}")
+
+
+def test_recipe_in_memory_scores_like_the_exported_model(tiny, tmp_path):
+    pool = {"target": {"path": str(tiny.llava)}, "donors": {"ja": {"path": str(tiny.ja)}},
+            "base": {"path": str(tiny.base)}}  # fmt: skip
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump({"op": "ties", "sources": ["target", "ja"], "seed": 3, "pool": pool,
+                        "rules": [{"weight": 0.6, "density": 0.5}, {"source": "ja", "weight": 1.2}]})
+    )  # fmt: skip
+    task = ("task=toy_vqa_ja", f"task.data={TOY_VQA}", "split=search", "task.limit=6")
+    in_memory = run_eval(f"recipe={recipe}", *task, f"output_dir={tmp_path / 'r'}")
+    exported = export_recipe(open_pool(pool, verbose=False), read_recipe_file(recipe)[0], tmp_path / "merged")
+    on_disk = run_eval(f"model={exported}", *task)
+    plain = run_eval(f"model={tiny.llava}", *task)
+    assert in_memory.outputs == on_disk.outputs and in_memory.values == on_disk.values
+    assert in_memory.outputs != plain.outputs  # the recipe was applied
+    report = read_outputs(tmp_path / "r")[1]
+    assert report["recipe"] == str(recipe) and report["model"] == str(tiny.llava)
+    recipe.write_text(yaml.safe_dump({"op": "ties", "sources": ["target"], "pool": pool}))
+    with pytest.raises(VlmergeError, match="do not match the pool's sources"):
+        run_eval(f"recipe={recipe}", *task)
 
 
 def test_console_script_runs_and_leaves_no_hydra_outputs(tiny, tmp_path):

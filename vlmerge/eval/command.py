@@ -82,6 +82,8 @@ def _load(cfg: DictConfig, path: str) -> ModelBundle:
 def _load_recipe(cfg: DictConfig, path: str) -> ModelBundle:
     """The recipe's pool target, loaded, with the recipe's merged tower written into it in memory."""
     from vlmerge.merge.command import open_pool, read_recipe_file
+    from vlmerge.merge.merger import check_sources
+    from vlmerge.merge.resident import ResidentMerger
 
     recipe, recipe_pool = read_recipe_file(path)
     chosen = cfg.get("pool")
@@ -94,18 +96,12 @@ def _load_recipe(cfg: DictConfig, path: str) -> ModelBundle:
     pool = open_pool(
         pool_cfg, allow_vocab_mismatch=bool(cfg.allow_vocab_mismatch), allow_pickle=bool(cfg.allow_pickle)
     )
-    try:
-        from vlmerge.merge.resident import apply_recipe
-    except ImportError:
-        raise VlmergeError(
-            "evaluating a recipe in memory needs vlmerge.merge.resident.apply_recipe, which this "
-            "installation lacks; export the model with vlmerge-merge and evaluate it with model=DIR"
-        ) from None
+    check_sources(pool, recipe)  # before the weights are loaded
     ref = replace(pool.target.ref, dtype=cfg.get("dtype") or pool.target.ref.dtype, device=_device(cfg))
     bundle = load_model(
         ref, trust_remote_code=bool(cfg.trust_remote_code), attn_implementation=cfg.attn_implementation
     )
-    apply_recipe(bundle.model, pool, recipe)
+    ResidentMerger(bundle.model, pool, ops=(recipe.op,)).apply(recipe)
     return bundle
 
 

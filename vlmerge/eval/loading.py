@@ -86,49 +86,37 @@ class ModelBundle:
         LMs take text, with the image token where the task's prompt put `<image>` (or first). A template
         that refuses a system turn gets the system prompt as the first paragraph of the user turn.
         """
-        text = (
-            user_text.replace(IMAGE_PLACEHOLDER, "").strip() if self.family in HF_VLM_CLASSES else user_text
-        )
-        if self.family in HF_VLM_CLASSES:
-            content: Any = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": text}]
-            renderer, system_content = self.processor, [{"type": "text", "text": system or ""}]
-        else:
-            content, renderer, system_content = text, self.tokenizer, system
+        structured = self.family in HF_VLM_CLASSES
+        renderer = self.processor if structured else self.tokenizer
         if not getattr(renderer, "chat_template", None):
             raise VlmergeError(
                 f"model {self.ref.path} has no chat template; set the task's chat_template=false and "
                 "write the prompt format in `prompt`"
             )
-        turns = [{"role": "user", "content": content}]
+        if structured:
+            user_text = user_text.replace(IMAGE_PLACEHOLDER, "").strip()
+
+        def content(text: str, image: bool) -> Any:
+            if not structured:
+                return text
+            return ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
+
+        turns = [{"role": "user", "content": content(user_text, has_image)}]
         if system:
-            turns.insert(0, {"role": "system", "content": system_content})
+            turns.insert(0, {"role": "system", "content": content(system, False)})
         try:
             rendered = renderer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
         except Exception as error:  # noqa: BLE001 -- jinja raises TemplateError for an unsupported system role
             if not system:
                 raise VlmergeError(f"model {self.ref.path}: its chat template failed: {error}") from None
-            merged = (
-                f"{system}\n\n{text}"
-                if isinstance(content, str)
-                else [
-                    {**part, "text": f"{system}\n\n{part['text']}"} if part["type"] == "text" else part
-                    for part in content
-                ]
-            )
             log.info(
-                "chat template of %s takes no system turn; system prompt moved into the user turn",
-                self.ref.path,
+                "chat template of %s takes no system turn: system prompt put in the user turn", self.ref.path
             )
-            return self._chat_without_system(renderer, merged)
-        return self._drop_duplicate_bos(rendered)
-
-    def _chat_without_system(self, renderer, content) -> str:
-        try:
-            rendered = renderer.apply_chat_template(
-                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-            )
-        except Exception as error:  # noqa: BLE001
-            raise VlmergeError(f"model {self.ref.path}: its chat template failed: {error}") from None
+            merged = [{"role": "user", "content": content(f"{system}\n\n{user_text}", has_image)}]
+            try:
+                rendered = renderer.apply_chat_template(merged, add_generation_prompt=True, tokenize=False)
+            except Exception as again:  # noqa: BLE001
+                raise VlmergeError(f"model {self.ref.path}: its chat template failed: {again}") from None
         return self._drop_duplicate_bos(rendered)
 
     def _drop_duplicate_bos(self, rendered: str) -> str:

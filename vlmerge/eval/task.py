@@ -135,9 +135,7 @@ class Task:
         """The split's items, images checked once (bad ones refused, or set aside with skip_bad_items)."""
         name = self.split_name(split)
         if name not in self._prepared:
-            items = tuple(self.dataset.split(name))
-            if not items:
-                raise VlmergeError(f"task {self.name!r}: split {name!r} of {self.data} has no items")
+            items = tuple(self.dataset.split(name))  # loaders refuse empty splits
             bad = screen_images(items, skip_bad_items=self.skip_bad_items, what=f"{self.data} split {name!r}")
             self._prepared[name] = PreparedSplit(name, items, bad)
         return self._prepared[name]

@@ -164,6 +164,15 @@ def test_trials_log_the_decoded_recipe(tmp_path):
     assert result.best_recipe == genome.decode(result.best_x, 4, ("target", "ja"), seed=9).to_dict()
 
 
+def test_problem_can_start_from_a_recipe():
+    genome = Genome(op="ties", groups=2)
+    start = genome.decode(np.linspace(0.1, 0.8, 8), 4, ("target", "ja"))
+    problem = Problem.for_genome(genome, 4, ("target", "ja"), fitness=Sphere(), start=start)
+    assert np.allclose(problem.x0, np.linspace(0.1, 0.8, 8))
+    with pytest.raises(VlmergeError, match="start recipe sources"):
+        Problem.for_genome(genome, 4, ("target", "math"), fitness=Sphere(), start=start)
+
+
 def test_fixed_search_scores_given_recipes(tmp_path):
     scored = []
     genome, problem = genome_problem(lambda x: scored.append(x.copy()) or Evaluation(float(np.sum(x)), {}))

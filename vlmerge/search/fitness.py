@@ -70,11 +70,17 @@ class Problem:
         fitness: Fitness | None = None,
         factory: FitnessFactory | None = None,
         seed: int = 0,
+        start=None,
     ) -> Problem:
-        """The usual problem: x0 and recipe descriptions from a `vlmerge.merge.genome.Genome`."""
+        """The usual problem, from a `vlmerge.merge.genome.Genome`: x0 = 0.5 everywhere, or the genes of the
+        recipe `start` (a Recipe the genome can express); trials log the decoded recipe."""
         sources = tuple(sources)
+        if start is not None and tuple(start.sources) != sources:
+            raise VlmergeError(
+                f"start recipe sources {list(start.sources)} differ from the pool's {list(sources)}"
+            )
         return cls(
-            x0=genome.x0(depth, sources),
+            x0=genome.x0(depth, sources) if start is None else genome.encode(start, depth),
             fitness=fitness,
             factory=factory,
             describe=lambda x: genome.decode(x, depth, sources, seed=seed).to_dict(),

@@ -16,16 +16,15 @@ from vlmerge.errors import VlmergeError
 from vlmerge.merge.recipe import load_recipe
 from vlmerge.search.checkpoint import BEST, TRIALS, TrialLog, write_json
 from vlmerge.search.fitness import Problem
-from vlmerge.search.loop import (
+from vlmerge.search.generation import (
     Lazy,
-    SearchInterrupted,
     SearchResult,
     best_json,
     evaluate_generation,
     make_result,
-    sigterm_as_interrupt,
     update_best,
 )
+from vlmerge.search.loop import SearchInterrupted, sigterm_as_interrupt
 from vlmerge.search.workers import make_workers
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
@@ -75,17 +77,20 @@ class RayWorkers:
         self.ray = ray
         self.started = not ray.is_initialized()
         if self.started:
-            if address:
-                ray.init(address=address, logging_level=logging.WARNING)
-            else:
-                with _python_path_of_this_process():
-                    ray.init(
-                        num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING
-                    )
+            with _keep_sigterm_handler():  # ray.init installs its own (sys.exit): keep the search's
+                if address:
+                    ray.init(address=address, logging_level=logging.WARNING)
+                else:
+                    with _python_path_of_this_process():
+                        ray.init(
+                            num_cpus=os.cpu_count() or 1,
+                            include_dashboard=False,
+                            logging_level=logging.WARNING,
+                        )
         resources = ray.cluster_resources()
         cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
         per_gpu = (1.0 if gpus >= 1 else 0.0) if gpus_per_worker is None else float(gpus_per_worker)
-        if per_gpu * n > gpus + 1e-9:
+        if address is None and per_gpu * n > gpus + 1e-9:  # (a cluster may scale up: its actors wait)
             self.close()
             raise VlmergeError(
                 f"search.workers = {n} with {per_gpu} GPU each, but Ray sees {gpus:g} GPUs: lower "
@@ -132,6 +137,17 @@ class RayWorkers:
         self.actors = []
         if self.started and self.ray.is_initialized():
             self.ray.shutdown()
+
+
+@contextmanager
+def _keep_sigterm_handler():
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager

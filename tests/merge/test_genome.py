@@ -206,7 +206,12 @@ def test_layout_checks_against_the_pool():
         Genome().decode([0.5] * 3, 8, SOURCES)
 
 
-@pytest.mark.parametrize("path", sorted(CONF.glob("*.yaml")), ids=lambda p: p.stem)
+GENOME_CONFIGS = [
+    p for p in sorted(CONF.glob("*.yaml")) if "genome" in OmegaConf.load(p)
+]  # (dfs.yaml: a path)
+
+
+@pytest.mark.parametrize("path", GENOME_CONFIGS, ids=lambda p: p.stem)
 def test_merge_configs_instantiate_and_decode(path):
     cfg = OmegaConf.load(path)
     genome = instantiate(cfg.genome)
@@ -215,6 +220,10 @@ def test_merge_configs_instantiate_and_decode(path):
     recipe = genome.decode(genome.x0(6, sources), 6, sources)
     assert Recipe.from_yaml(recipe.to_yaml()) == recipe
     assert genome.n_genes(6, sources) == len(genome.gene_names(6, sources)) >= 1
+
+
+def test_every_op_config_is_tested():
+    assert {p.stem for p in GENOME_CONFIGS} >= {"ties_dare", "ties", "task_arithmetic", "linear", "slerp"}
 
 
 def test_paper_setting_gene_count():

@@ -81,6 +81,22 @@ class ResidentMerger:
             rows = slice(None) if entry.plan.rows is None else slice(0, entry.plan.rows)
             entry.param.data[rows].copy_(merged)
 
+    @torch.no_grad()
+    def load_source(self, role: str) -> None:
+        """Write one source's own tower tensors (read from its checkpoint) into the model, unmerged.
+
+        For the target this restores it exactly; for a text donor in a VLM it is the *tower swap*: the donor's
+        tower with the target's vision encoder and projector (and the target's extra vocabulary rows).
+        """
+        roles = list(self.pool.source_names)
+        if role not in roles:
+            raise VlmergeError(f"unknown source {role!r}; the pool's sources are {roles}")
+        tower = self.pool.sources[roles.index(role)]
+        for entry in self.entries:
+            key = entry.plan.source_keys[roles.index(role)]
+            rows = slice(None) if entry.plan.rows is None else slice(0, entry.plan.rows)
+            entry.param.data[rows].copy_(tower.checkpoint.get(key)[rows])
+
     def cached_bytes(self) -> int:
         total = 0
         for entry in self.entries:

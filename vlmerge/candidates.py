@@ -1,0 +1,126 @@
+"""Scoring merge candidates: one process's resident target, cached task vectors, task and genome.
+
+`MergeContext` is what a process needs to score recipes; `MergeFitness` turns a gene vector into a fitness;
+`FitnessFactory` rebuilds both from a plain config in another process (a Ray worker builds its own models).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+
+from vlmerge.errors import VlmergeError
+from vlmerge.eval.evaluator import EvalResult, evaluate
+from vlmerge.eval.generate import generate
+from vlmerge.eval.loading import ModelBundle, load_model
+from vlmerge.eval.metrics import MetricResult
+from vlmerge.eval.task import Task, instantiate_task
+from vlmerge.merge.command import open_pool
+from vlmerge.merge.recipe import Recipe
+from vlmerge.merge.resident import ResidentMerger
+from vlmerge.models.pool import Pool
+from vlmerge.search.fitness import Evaluation
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass
+class MergeContext:
+    pool: Pool
+    task: Task
+    bundle: ModelBundle
+    merger: ResidentMerger
+    genome: Any  # vlmerge.merge.genome.Genome
+    seed: int
+    heldout_task: Task | None = None  # scores the held-out table when fitness data has no held-out split
+
+    @property
+    def depth(self) -> int:
+        return self.pool.plan.depth
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return self.pool.source_names
+
+    @classmethod
+    def build(cls, cfg: Mapping, *, verbose: bool = True, extra_ops: tuple[str, ...] = ()) -> MergeContext:
+        """From a resolved plain config with `pool`, `task`, `merge.genome`, `seed`."""
+        pool = open_pool(cfg["pool"], verbose=verbose)
+        task = instantiate_task(cfg["task"])
+        heldout_task = instantiate_task(cfg["heldout_task"]) if cfg.get("heldout_task") else None
+        genome = instantiate(cfg["merge"]["genome"], _convert_="all")
+        bundle = load_model(pool.target.ref, trust_remote_code=pool.trust_remote_code)
+        merger = ResidentMerger(bundle.model, pool, ops=(genome.op, *extra_ops))
+        return cls(pool=pool, task=task, bundle=bundle, merger=merger, genome=genome, seed=int(cfg["seed"]),
+                   heldout_task=heldout_task)
+
+    def decode(self, x: np.ndarray) -> Recipe:
+        return self.genome.decode(x, self.depth, self.sources, seed=self.seed)
+
+    def task_for(self, split: str) -> Task:
+        return self.heldout_task if split == "heldout" and self.heldout_task is not None else self.task
+
+    def score_recipe(self, recipe: Recipe, split: str = "search") -> EvalResult:
+        self.merger.apply(recipe)
+        return evaluate(self.bundle, self.task_for(split), split)
+
+    def score_source(self, role: str, split: str) -> EvalResult:
+        """A source's own tower in the resident target (for a text donor in a VLM: the tower swap)."""
+        self.merger.load_source(role)
+        return evaluate(self.bundle, self.task_for(split), split)
+
+
+class MergeFitness:
+    """Gene vector -> decoded recipe written into the resident model -> task score on the search split."""
+
+    def __init__(self, context: MergeContext):
+        self.context = context
+
+    def __call__(self, x: np.ndarray) -> Evaluation:
+        recipe = self.context.decode(x)
+        result = self.context.score_recipe(recipe, "search")
+        return Evaluation(fitness=result.fitness, details=dict(result.values))
+
+
+@dataclass(frozen=True)
+class FitnessFactory:
+    """Picklable: builds a MergeFitness (with its own models) in the process that calls it."""
+
+    cfg: Mapping
+
+    def __call__(self) -> MergeFitness:
+        torch.set_grad_enabled(False)
+        return MergeFitness(MergeContext.build(self.cfg, verbose=False))
+
+
+def evaluate_text_only(bundle: ModelBundle, task: Task, split: str) -> EvalResult:
+    """A text-only model on a task with images: the same prompts without the image (a blind answer)."""
+    items = task.split(split)
+    prompts = [task.prompt.format(question=item.question).replace(IMAGE_PLACEHOLDER, "").lstrip("\n")
+               for item in items]  # fmt: skip
+    if task.chat_template:
+        prompts = [bundle.chat_prompt(p, system=task.system_prompt, has_image=False) for p in prompts]
+    start = time.perf_counter()
+    outputs = generate(bundle, prompts, None, task.generation)
+    predictions = [task.postprocess(o) for o in outputs]
+    metric: MetricResult = task.score(predictions, items)
+    return EvalResult(task=task.name, split=split, items=tuple(items), predictions=tuple(predictions),
+                      outputs=tuple(outputs), metric=metric, fitness_key=task.fitness_key,
+                      seconds=time.perf_counter() - start)  # fmt: skip
+
+
+def baseline_recipes(baselines: Mapping, sources: tuple[str, ...], seed: int) -> dict[str, Recipe]:
+    """Untuned merges from config: {name: {op, rules, ...}} with the pool's sources filled in."""
+    out = {}
+    for name, spec in (baselines or {}).items():
+        if not isinstance(spec, Mapping) or "op" not in spec:
+            raise VlmergeError(f"baselines.{name}: give at least `op` (and `rules`)")
+        recipe = Recipe.from_dict({**dict(spec), "sources": list(sources)}, where=f"baselines.{name}")
+        out[name] = replace(recipe, seed=seed)
+    return out

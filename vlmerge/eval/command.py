@@ -31,6 +31,10 @@ def eval_command(cfg: DictConfig) -> EvalResult:
             "give exactly one of model=PATH_OR_HUB_ID, recipe=RECIPE.yaml or predictions=FILE.jsonl"
             + (f" (got {', '.join(modes)})" if modes else "")
         )
+    if not cfg.progress:  # also silence transformers' weight-loading bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     task = instantiate_task(cfg.task)
     try:
         source = str(cfg[modes[0]])

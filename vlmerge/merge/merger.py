@@ -29,14 +29,17 @@ class TensorInputs:
 
 def load_inputs(plan: TensorPlan, pool: Pool, *, device: str = "cpu",
                 compute_dtype: torch.dtype = torch.float32) -> TensorInputs:  # fmt: skip
+    """Base and task vectors; each source is read once and subtracted straight into its row of `deltas`."""
     rows = slice(None) if plan.rows is None else slice(0, plan.rows)
 
     def read(tower, key: str) -> torch.Tensor:
         return tower.checkpoint.get(key)[rows].to(device=device, dtype=compute_dtype)
 
     base = read(pool.base, plan.base_key)
-    deltas = torch.stack([read(tower, key) for tower, key in zip(pool.sources, plan.source_keys)])
-    deltas -= base
+    deltas = torch.empty((len(plan.source_keys), *base.shape), dtype=compute_dtype, device=device)
+    for row, tower, key in zip(deltas, pool.sources, plan.source_keys):
+        source = base if tower is pool.base and key == plan.base_key else read(tower, key)
+        torch.sub(source, base, out=row)
     return TensorInputs(base=base, deltas=deltas)
 
 
@@ -62,12 +65,16 @@ def merged_tensors(pool: Pool, recipe: Recipe, *, device: str = "cpu", compute_d
                    out_dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
     """(target checkpoint name, merged tensor) for every merged tower tensor, one at a time."""
     check_sources(pool, recipe)
+    checkpoint = pool.target.checkpoint
     for plan in pool.plan.tensors:
-        target = pool.target.checkpoint.get(plan.target_key)
         inputs = load_inputs(plan, pool, device=device, compute_dtype=compute_dtype)
-        full = target.to(device=device, dtype=compute_dtype, copy=True)
-        merged = merge_tensor(plan, inputs, recipe, out=full)
-        yield plan.target_key, merged.to(device="cpu", dtype=out_dtype or target.dtype)
+        if plan.rows is None:
+            merged = merge_tensor(plan, inputs, recipe)
+        else:  # the target's extra vocabulary rows stay as they are
+            full = checkpoint.get(plan.target_key).to(device=device, dtype=compute_dtype, copy=True)
+            merged = merge_tensor(plan, inputs, recipe, out=full)
+        del inputs
+        yield plan.target_key, merged.to(device="cpu", dtype=out_dtype or checkpoint.dtype(plan.target_key))
 
 
 def check_sources(pool: Pool, recipe: Recipe) -> None:

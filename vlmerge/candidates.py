@@ -56,7 +56,7 @@ class MergeContext:
         heldout_task = instantiate_task(cfg["heldout_task"]) if cfg.get("heldout_task") else None
         genome = instantiate(cfg["merge"]["genome"], _convert_="all")
         bundle = load_model(pool.target.ref, trust_remote_code=pool.trust_remote_code)
-        merger = ResidentMerger(bundle.model, pool, ops=(genome.op, *extra_ops))
+        merger = ResidentMerger.for_model(bundle.model, pool, ops=(genome.op, *extra_ops))
         return cls(pool=pool, task=task, bundle=bundle, merger=merger, genome=genome, seed=int(cfg["seed"]),
                    heldout_task=heldout_task)
 

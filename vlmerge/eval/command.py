@@ -105,7 +105,7 @@ def _load_recipe(cfg: DictConfig, path: str) -> ModelBundle:
     bundle = load_model(
         ref, trust_remote_code=bool(cfg.trust_remote_code), attn_implementation=cfg.attn_implementation
     )
-    ResidentMerger(bundle.model, pool, ops=(recipe.op,)).apply(recipe)
+    ResidentMerger.for_model(bundle.model, pool, ops=(recipe.op,)).apply(recipe)
     return bundle
 
 

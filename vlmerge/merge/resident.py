@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from vlmerge.errors import VlmergeError
-from vlmerge.merge.merger import TensorInputs, check_sources, load_inputs, merge_tensor
+from vlmerge.merge.merger import TensorInputs, load_inputs, merge_tensor
 from vlmerge.merge.ops import OPS, get_op
 from vlmerge.merge.recipe import Recipe
 from vlmerge.merge.sparsify import DeltaStats, delta_stats
@@ -45,35 +45,50 @@ def tower_parameters(model: torch.nn.Module, pool: Pool) -> dict[str, torch.nn.P
 
 
 @dataclass
-class _Entry:
+class ResidentTensor:
+    """One tower tensor of the resident model: its plan, parameter, cached inputs and pruning statistics."""
+
     plan: TensorPlan
     param: torch.nn.Parameter
     inputs: TensorInputs
     stats: DeltaStats | None
 
 
+def cache_tensor(plan: TensorPlan, param: torch.nn.Parameter, inputs: TensorInputs, ops: tuple[str, ...]):
+    stats = delta_stats(inputs.deltas) if any(op in MAGNITUDE_OPS for op in ops) else None
+    return ResidentTensor(plan, param, inputs, stats)
+
+
 class ResidentMerger:
     """Writes recipes into a loaded target model, from task vectors cached on its device."""
 
-    def __init__(self, model: torch.nn.Module, pool: Pool, *, cache_dtype: torch.dtype | None = None,
-                 ops: tuple[str, ...] = ()):  # fmt: skip
-        """`ops`: the ops this merger will be asked for (precomputes magnitude statistics when one prunes)."""
-        params = tower_parameters(model, pool)
+    def __init__(self, entries: list[ResidentTensor], source_names: tuple[str, ...], pool: Pool | None = None):
+        self.entries = entries
+        self.source_names = tuple(source_names)
         self.pool = pool
-        self.model = model
-        needs_stats = any(op in MAGNITUDE_OPS for op in ops)
-        self.entries: list[_Entry] = []
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, pool: Pool, *, cache_dtype: torch.dtype | None = None,
+                  ops: tuple[str, ...] = ()) -> ResidentMerger:  # fmt: skip
+        """Cache the pool's task vectors on the device of `model`'s tower parameters.
+
+        `ops`: the ops this merger will be asked for (magnitude statistics are precomputed when one prunes).
+        """
+        params = tower_parameters(model, pool)
+        entries = []
         for plan in pool.plan.tensors:
             param = params[plan.name]
-            dtype = cache_dtype or param.dtype
-            inputs = load_inputs(plan, pool, device=str(param.device), compute_dtype=dtype)
-            stats = delta_stats(inputs.deltas) if needs_stats else None
-            self.entries.append(_Entry(plan, param, inputs, stats))
+            inputs = load_inputs(plan, pool, device=str(param.device), compute_dtype=cache_dtype or param.dtype)
+            entries.append(cache_tensor(plan, param, inputs, ops))
+        return cls(entries, pool.source_names, pool)
 
     @torch.no_grad()
     def apply(self, recipe: Recipe) -> None:
         """Write the recipe's merged tower into the model (in place)."""
-        check_sources(self.pool, recipe)
+        if tuple(recipe.sources) != self.source_names:
+            raise VlmergeError(
+                f"recipe sources {list(recipe.sources)} do not match the pool's sources {list(self.source_names)}"
+            )
         spec = get_op(recipe.op)
         for entry in self.entries:
             stats = entry.stats if spec.name in MAGNITUDE_OPS else None
@@ -88,7 +103,7 @@ class ResidentMerger:
         For the target this restores it exactly; for a text donor in a VLM it is the *tower swap*: the donor's
         tower with the target's vision encoder and projector (and the target's extra vocabulary rows).
         """
-        roles = list(self.pool.source_names)
+        roles = list(self.source_names)
         if role not in roles:
             raise VlmergeError(f"unknown source {role!r}; the pool's sources are {roles}")
         tower = self.pool.sources[roles.index(role)]

@@ -37,3 +37,14 @@ def tiny(tmp_path_factory) -> SimpleNamespace:
     return ns
 
 
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models on a loaded 2-core machine run 10-50x slower with 2 threads than with 1."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -141,13 +141,13 @@ def test_bad_search_settings(kwargs, message):
         CMAESSearch(**kwargs)
 
 
-def test_problem_needs_genes_and_one_fitness():
+def test_problem_needs_genes_and_one_fitness(tmp_path):
     with pytest.raises(VlmergeError, match="nothing to search"):
         Problem(x0=np.zeros(0), fitness=Sphere())
     with pytest.raises(VlmergeError, match="exactly one of `fitness` and `factory`"):
         Problem(x0=np.zeros(3))
     with pytest.raises(VlmergeError, match="needs a picklable fitness factory"):
-        CMAESSearch(budget=4, workers=2).run(sphere_problem(), "unused")
+        CMAESSearch(budget=4, workers=2).run(sphere_problem(), tmp_path / "run")
 
 
 def genome_problem(fitness) -> tuple[Genome, Problem]:

@@ -10,6 +10,10 @@ exported model is an ordinary MistralForCausalLM with `--positions` layers. Forw
 interleaved, `--reps` times after one warm-up each; the table gives the medians and their ratio, and checks
 the logits agree. A second row does the same for tower A's identity path against A itself (the cost of views
 alone). A script, not a test: the numbers depend on the machine.
+
+Measured 2026-11 on the 2-core CI-like box (shared, noisy), default sizes (32.3M parameters, 12 positions,
+batch 4 x 256): path 1017.5 ms vs exported 1017.5 ms, ratio 1.000 (max |logit diff| 1.8e-6); identity path
+vs A 0.991; batch 1 x 16 tokens: ratio 0.967 / 0.937 (noise level); apply(path) 0.5-0.6 ms.
 """
 
 from __future__ import annotations

@@ -8,13 +8,21 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import MistralConfig, MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM
+from transformers import (
+    MistralConfig,
+    MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from tests.fixtures.hf_models import TEXT
 from tests.fixtures.tokenizer import build_tokenizer
 from vlmerge.dfs.path import EmptyPathError, LayerPath, PathSpec
 
 IMAGE_PROMPT = "<image> what colour is the circle"
+WINDOWED = dict(use_sliding_window=True, sliding_window=4, max_window_layers=2)
 
 
 def _save(model_cls, config_cls, path, seed: int, **overrides):
@@ -44,6 +52,11 @@ def odd(tmp_path_factory) -> SimpleNamespace:
         ),  # fmt: skip
         olmo=_save(Olmo2ForCausalLM, Olmo2Config, root / "olmo", 9),
         olmo_b=_save(Olmo2ForCausalLM, Olmo2Config, root / "olmo_b", 10),
+        # A's layers 2, 3 attend to a window of 4 tokens: layer_types ["full", "full", "sliding", "sliding"]
+        windowed=_save(Qwen2ForCausalLM, Qwen2Config, root / "windowed", 11, **WINDOWED),
+        windowed_b=_save(
+            Qwen2ForCausalLM, Qwen2Config, root / "windowed_b", 12, **{**WINDOWED, "max_window_layers": 3}
+        ),  # B: only layer 3 slides
     )
 
 

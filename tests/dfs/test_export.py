@@ -36,10 +36,12 @@ def load_exported(folder, family: str):
     return CLASSES[family].from_pretrained(folder, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize(
-    ("target", "donor", "seeds"), [("ja", "math", (11, 12, 13)), ("qwen_ft", "qwen_base", (14,))]
-)
+CASES = [("ja", "math", (11, 12, 13)), ("math", "ja", (15,)), ("qwen_ft", "qwen_base", (14,))]
+
+
+@pytest.mark.parametrize(("target", "donor", "seeds"), CASES)
 def test_random_paths_export_equal_the_path_model(tiny, tmp_path, target, donor, seeds):
+    """Mistral A with a Llama donor, Llama A with a Mistral donor, Qwen2 (q/k/v biases, layer_types)."""
     model, batch = load_target(getattr(tiny, target), "causal_lm")
     pm = PathModel(model, getattr(tiny, donor))
     for seed in seeds:
@@ -55,6 +57,24 @@ def test_random_paths_export_equal_the_path_model(tiny, tmp_path, target, donor,
         assert LayerPath.from_dict(record["path"]) == path
         if target == "qwen_ft":
             assert exported.config.layer_types == ["full_attention"] * len(path.layers)
+
+
+def test_sliding_window_layer_types_follow_the_path(odd, tmp_path):
+    model, batch = load_target(odd.windowed, "causal_lm")
+    pm = PathModel(model, odd.windowed_b)
+    path = LayerPath((2, 0, 6, 7, 3), (1.5, 0.7, 2.0, 1.3), 4, 4)  # A2 A0 B2 B3 A3
+    sliding, full = "sliding_attention", "full_attention"
+    types = [sliding, full, full, sliding, sliding]  # each layer keeps its own tower's type
+    with pm.installed(path):
+        assert model.config.layer_types == types
+        expected = logits(model, batch)
+        cached = model.generate(**batch, max_new_tokens=6, do_sample=False, use_cache=True)
+        uncached = model.generate(**batch, max_new_tokens=6, do_sample=False, use_cache=False)
+        assert torch.equal(cached, uncached)
+    exported = load_exported(export_path(pm, path, tmp_path / "w", target=odd.windowed), "causal_lm")
+    assert exported.config.layer_types == types
+    assert [layer.self_attn.sliding_window for layer in exported.model.layers] == [4, None, None, 4, 4]
+    assert (logits(exported, batch) - expected).abs().max().item() <= ATOL
 
 
 def test_exported_tensors_are_the_folded_source_layers(tiny, tmp_path):

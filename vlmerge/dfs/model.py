@@ -197,6 +197,16 @@ def _set_layer_idx(position: int) -> Callable[[nn.Module], nn.Module]:
     return edit
 
 
+def _layer_idx_holders(layer: nn.Module) -> tuple[str, ...]:
+    """The submodules that address the KV cache by `layer_idx` (each path position needs its own slot)."""
+    names = tuple(n for n, m in layer.named_modules() if isinstance(getattr(m, "layer_idx", None), int))
+    if not names:
+        raise VlmergeError(
+            f"{type(layer).__name__} has no `layer_idx`: its KV-cache slots cannot follow a path"
+        )
+    return names
+
+
 class PathModel:
     """Runs LayerPaths on a loaded model (tower A) and a donor's layers (tower B), resident once."""
 
@@ -211,6 +221,7 @@ class PathModel:
         self.fold_targets = check_foldable(self.config, self.layers_a[0]) if fold else ()
         self.donor = donor if isinstance(donor, Tower) else open_tower("donor", as_ref(_ref(donor)))
         self.layers_b, self.types_b = load_donor_layers(self.stack, self.donor)
+        self.idx_holders = _layer_idx_holders(self.layers_a[0])
         self.types_a = getattr(self.config, "layer_types", None)
         self._original = (self.stack.layers, self.config.num_hidden_layers, self.types_a,
                           getattr(self.stack, "has_sliding_layers", None))  # fmt: skip
@@ -245,7 +256,7 @@ class PathModel:
         self.check(path)
         views = []
         for k, ((tower, index), cumulative) in enumerate(zip(path.steps(), path.cumulative(), strict=True)):
-            edits: dict[str, list] = {"self_attn": [_set_layer_idx(k)]}
+            edits: dict[str, list] = {name: [_set_layer_idx(k)] for name in self.idx_holders}
             if self.fold and cumulative != 1.0:
                 for target in self.fold_targets:
                     edits.setdefault(target, []).append(lambda m, f=1.0 / cumulative: _ScaledOutput(m, f))

@@ -227,6 +227,8 @@ def test_recipe_file_is_recognised_and_pools_follow_mergekit_roles(lms, tiny, tm
     path.write_text(yaml.safe_dump(raws["ties"][0]))
     recipe, pool = read_recipe_file(path)
     assert recipe.sources == ("target", "ft2", "ft3")  # base listed but not merged
+    assert recipe.lambda_ == 1.0 and recipe.normalize is None
+    assert from_mergekit({**raws["ties"][0], "parameters": {"lambda": 0}}, "l")[0].lambda_ == 0.0
     assert pool == {"target": str(lms["ft1"]), "donors": {"ft2": str(lms["ft2"]), "ft3": str(lms["ft3"])},
                     "base": str(lms["base"])}  # fmt: skip
     with_base = {**raws["linear"][0], "base_model": str(lms["base"])}  # linear merges an unlisted base too

@@ -258,10 +258,11 @@ def from_mergekit(raw: Mapping, where: str) -> tuple[Recipe, dict]:
     pool = {"target": _ref(target), "donors": {n: _ref(m) for m, n in names.items() if n != "target"}}
     if spec.needs_base and base != target:
         pool["base"] = _ref(base)
+    lambda_ = _switch(top, "lambda", f"{where}.parameters")
     recipe = Recipe(op=op, sources=tuple(names.values()), rules=tuple(rules),
                     normalize=_switch(top, "normalize", f"{where}.parameters"),
                     rescale=_switch(top, "rescale", f"{where}.parameters"),
-                    lambda_=_switch(top, "lambda", f"{where}.parameters") or 1.0, pool=pool)  # fmt: skip
+                    lambda_=1.0 if lambda_ is None else lambda_, pool=pool)  # fmt: skip
     return recipe, pool
 
 

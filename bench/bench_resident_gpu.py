@@ -139,7 +139,8 @@ def bench_generation(batch: int, new_tokens: int, items: int = 64) -> tuple[floa
         torch.set_default_dtype(torch.float32)
     model.generation_config.eos_token_id = None  # random weights: every row generates exactly new_tokens
     model.generation_config.pad_token_id = words.index("<pad>")
-    processor = LlavaNextProcessor(LlavaNextImageProcessor(image_grid_pinpoints=pinpoints), tok, patch_size=14,
+    processor = LlavaNextProcessor(LlavaNextImageProcessor(image_grid_pinpoints=pinpoints, size={"shortest_edge": 336},
+                                                           crop_size={"height": 336, "width": 336}), tok, patch_size=14,
                                    vision_feature_select_strategy="default", num_additional_image_tokens=1)  # fmt: skip
     bundle = ModelBundle(model=model, processor=processor, tokenizer=tok, family="llava_next",
                          ref=ModelRef(path=".", dtype="bfloat16", device="cuda"))  # fmt: skip
@@ -177,6 +178,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     merge_rows, floor = bench_merge(args.layers)
+    for name, seconds, ratio in merge_rows:
+        print(f"  {name}: {seconds * 1e3:.1f} ms = {ratio:.2f} x floor", flush=True)
     gen = None if args.skip_generation else bench_generation(args.batch, args.new_tokens)
     print(f"\n{torch.cuda.get_device_name()} | in-memory candidate merge, 7B-shaped bf16 tower, 2 sources")
     print(f"{'op':<10} {'ms':>8} {'x floor':>8} {'target':>7}")

@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from vlmerge.errors import VlmergeError
-from vlmerge.merge.ops import get_op
+from vlmerge.merge.ops import OPS, get_op
 from vlmerge.merge.recipe import SOURCE_PARAMS, Recipe, Rule
 from vlmerge.models.checkpoint import Checkpoint
 from vlmerge.models.source import ModelRef
@@ -196,7 +196,7 @@ def from_mergekit(raw: Mapping, where: str) -> tuple[Recipe, dict]:
         op = get_op(method).name
     except VlmergeError:
         raise VlmergeError(f"{where}: merge_method {method!r} is not supported; supported: "
-                           f"{', '.join(sorted(_ops()))}") from None  # fmt: skip
+                           f"{', '.join(sorted(OPS))}") from None  # fmt: skip
     spec = get_op(op)
     entries = raw.get("models")
     if not isinstance(entries, list) or not entries:
@@ -264,12 +264,6 @@ def from_mergekit(raw: Mapping, where: str) -> tuple[Recipe, dict]:
                     rescale=_switch(top, "rescale", f"{where}.parameters"),
                     lambda_=1.0 if lambda_ is None else lambda_, pool=pool)  # fmt: skip
     return recipe, pool
-
-
-def _ops() -> list[str]:
-    from vlmerge.merge.ops import OPS
-
-    return list(OPS)
 
 
 def _family(model: tuple[str, str | None]):

@@ -2,6 +2,7 @@
 
 `MergeContext` is what a process needs to score recipes; `MergeFitness` turns a gene vector into a fitness;
 `FitnessFactory` rebuilds both from a plain config in another process (a Ray worker builds its own models).
+A DFS search (vlmerge.dfs.search) runs paths on the same context (without `merge.genome` it has no genome).
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ class MergeContext:
     pool: Pool
     task: Task
     bundle: ModelBundle
-    merger: ResidentMerger
-    genome: Any  # vlmerge.merge.genome.Genome
+    merger: ResidentMerger | None  # None: built without (a DFS worker that merges nothing)
+    genome: Any  # vlmerge.merge.genome.Genome; None for a merge config without one (merge=dfs)
     seed: int
     heldout_task: Task | None = None  # scores the held-out table when fitness data has no held-out split
 
@@ -49,14 +50,17 @@ class MergeContext:
         return self.pool.source_names
 
     @classmethod
-    def build(cls, cfg: Mapping, *, verbose: bool = True, extra_ops: tuple[str, ...] = ()) -> MergeContext:
-        """From a resolved plain config with `pool`, `task`, `merge.genome`, `seed`."""
+    def build(cls, cfg: Mapping, *, verbose: bool = True, extra_ops: tuple[str, ...] = (),
+              with_merger: bool = True) -> MergeContext:  # fmt: skip
+        """From a resolved plain config with `pool`, `task`, `merge` (`genome` optional), `seed`."""
         pool = open_pool(cfg["pool"], verbose=verbose)
         task = instantiate_task(cfg["task"])
         heldout_task = instantiate_task(cfg["heldout_task"]) if cfg.get("heldout_task") else None
-        genome = instantiate(cfg["merge"]["genome"], _convert_="all")
+        genome_cfg = cfg["merge"].get("genome")
+        genome = instantiate(genome_cfg, _convert_="all") if genome_cfg else None
         bundle = load_model(pool.target.ref, trust_remote_code=pool.trust_remote_code)
-        merger = ResidentMerger.for_model(bundle.model, pool, ops=(genome.op, *extra_ops))
+        ops = (*((genome.op,) if genome is not None else ()), *extra_ops)
+        merger = ResidentMerger.for_model(bundle.model, pool, ops=ops) if with_merger else None
         return cls(pool=pool, task=task, bundle=bundle, merger=merger, genome=genome, seed=int(cfg["seed"]),
                    heldout_task=heldout_task)
 
@@ -67,13 +71,18 @@ class MergeContext:
         return self.heldout_task if split == "heldout" and self.heldout_task is not None else self.task
 
     def score_recipe(self, recipe: Recipe, split: str = "search") -> EvalResult:
-        self.merger.apply(recipe)
+        self.resident_merger().apply(recipe)
         return evaluate(self.bundle, self.task_for(split), split)
 
     def score_source(self, role: str, split: str) -> EvalResult:
         """A source's own tower in the resident target (for a text donor in a VLM: the tower swap)."""
-        self.merger.load_source(role)
+        self.resident_merger().load_source(role)
         return evaluate(self.bundle, self.task_for(split), split)
+
+    def resident_merger(self) -> ResidentMerger:
+        if self.merger is None:
+            raise VlmergeError("this merge context was built without a resident merger (with_merger=False)")
+        return self.merger
 
 
 class MergeFitness:

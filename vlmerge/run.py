@@ -1,18 +1,26 @@
 """run(cfg): the one orchestration shared by every experiment (VQA and math differ only in pool and task).
 
-pool + task + genome -> CMA-ES over recipes scored in memory on the search split -> best/ and recipe.yaml ->
-held-out table of the sources, the untuned baselines (and, for VLMs, the tower swap) and the evolved merge.
+The merge config says which search (vlmerge.dfs.search.merge_kind):
+- `ps` (merge.genome): CMA-ES over recipes scored in memory -> recipe.yaml and best/ (the merged target);
+- `dfs` (merge.path): CMA-ES over layer paths through the target (A) and a donor (B) -> path.yaml and best/
+  (the target's class with the path's longer layer stack);
+- `ps_dfs` (both): a complete PS search in run_dir/ps (its own trials, checkpoint, recipe.yaml, report), whose
+  best recipe is written into the resident target, which is tower A of a DFS search in the run dir itself.
+Every search is the same loop (vlmerge.search.loop): checkpoints, `resume=true` continues each stage where it
+stopped (a finished PS stage evaluates nothing again). The run dir always holds the final stage's trials, and
+report.json: the held-out table of the sources, the untuned baselines (for VLMs the tower swap), the `ps`
+stage's merge (ps_dfs) and the final merge, named `evolved`.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
 import torch
+import yaml
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vlmerge.candidates import (
@@ -22,14 +30,20 @@ from vlmerge.candidates import (
     baseline_recipes,
     evaluate_text_only,
 )
+from vlmerge.dfs.search import PathFitnessFactory, PathStage, merge_kind
+from vlmerge.errors import VlmergeError
 from vlmerge.eval.evaluator import EvalResult
 from vlmerge.eval.loading import load_model
+from vlmerge.merge.recipe import Recipe
 from vlmerge.merge.resident import tower_state
 from vlmerge.models.export import model_card, write_model
+from vlmerge.search.checkpoint import atomic_write
 from vlmerge.search.fitness import Problem
+from vlmerge.search.fixed import FixedSearch
+from vlmerge.search.generation import SearchResult
 from vlmerge.search.report import write_report
 
-log = logging.getLogger(__name__)
+RECIPE_YAML, PATH_YAML, PS_DIR = "recipe.yaml", "path.yaml", "ps"
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -43,35 +57,83 @@ def run(cfg: DictConfig) -> float:
     torch.manual_seed(cfg.seed)
     torch.set_grad_enabled(False)
     plain = OmegaConf.to_container(cfg, resolve=True)
-    context = MergeContext.build(plain, extra_ops=tuple(b["op"] for b in (plain.get("baselines") or {}).values()))
+    kind = merge_kind(plain["merge"])
+    if kind != "ps" and issubclass(get_class(plain["search"]["_target_"]), FixedSearch):
+        raise VlmergeError(f"search=fixed re-scores PS recipes; merge={kind} searches with search=cmaes")
+    searcher = instantiate(cfg.search, _convert_="all")
+    ps_searcher = instantiate(ps_stage_search(plain), _convert_="all") if kind == "ps_dfs" else searcher
+    baseline_ops = tuple(b["op"] for b in (plain.get("baselines") or {}).values())
+    context = MergeContext.build(plain, extra_ops=baseline_ops)
     baselines = baseline_recipes(plain.get("baselines"), context.sources, cfg.seed)
     context.task.check_fitness_key()
-    searcher = instantiate(cfg.search, _convert_="all")
-    if searcher.workers > 1:
-        problem = Problem.for_genome(context.genome, context.depth, context.sources, factory=FitnessFactory(plain),
-                                     seed=cfg.seed)  # fmt: skip
+    recipe, evolved = None, []
+    if kind in ("ps", "ps_dfs"):
+        ps_dir = run_dir if kind == "ps" else run_dir / PS_DIR
+        recipe, result = search_recipe(context, plain, ps_searcher, ps_dir)
+        name = "evolved" if kind == "ps" else "ps"
+        evolved.append((name, "ps", lambda split: context.score_recipe(recipe, split)))
+    if kind == "ps":
+        export_best(context, recipe, run_dir / "best")
+        if not context.pool.target.spec.is_vlm:
+            write_mergekit_yaml(recipe, context, run_dir / "recipe.mergekit.yaml")
     else:
-        problem = Problem.for_genome(context.genome, context.depth, context.sources, fitness=MergeFitness(context),
-                                     seed=cfg.seed)  # fmt: skip
+        if kind == "ps_dfs":
+            write_report(ps_dir, [], recipe=recipe, depth=context.depth, echo=False)
+        stage = PathStage.build(context, plain["merge"], ps_recipe=recipe)
+        path, result = search_path(stage, plain, searcher, run_dir)
+        stage.export(path, run_dir / "best")
+        evolved.append(("evolved", kind, lambda split: stage.score(path, split, restore=True)))
+    rows = heldout_rows(context, baselines, plain, evolved) if cfg.heldout else []
+    write_report(run_dir, rows, recipe=recipe if kind == "ps" else None, depth=context.depth)
+    return result.best_fitness
+
+
+def ps_stage_search(plain: dict) -> dict:
+    """ps_dfs: the PS stage's search config, `search` with the keys given in `merge.ps` replaced."""
+    overrides = dict(plain["merge"].get("ps") or {})
+    allowed = sorted(k for k in plain["search"] if k != "_target_")
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise VlmergeError(f"merge.ps: unknown key(s) {unknown}; it replaces keys of search: {allowed}")
+    return {**plain["search"], **overrides}
+
+
+def timed_search(searcher, problem: Problem, run_dir: Path, what: str) -> SearchResult:
     start = time.perf_counter()
     result = searcher.run(problem, run_dir)
-    search_seconds = time.perf_counter() - start
-    recipe = context.genome.decode(result.best_x, context.depth, context.sources, seed=cfg.seed,
-                                   pool=context.pool.to_config())  # fmt: skip
-    (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
-    export_best(context, recipe, run_dir / "best")
-    if not context.pool.target.spec.is_vlm:
-        write_mergekit_yaml(recipe, context, run_dir / "recipe.mergekit.yaml")
-    rows = heldout_rows(context, baselines, recipe, plain) if cfg.heldout else []
-    write_report(run_dir, rows, recipe=recipe, depth=context.depth)
-    print(f"search: {result.evaluations} evaluations in {search_seconds:.0f} s, best search fitness "
+    seconds = time.perf_counter() - start
+    print(f"{what} search: {result.evaluations} evaluations in {seconds:.0f} s, best search fitness "
           f"{result.best_fitness:.2f}; outputs in {run_dir}")  # fmt: skip
-    return result.best_fitness
+    return result
+
+
+def search_recipe(context: MergeContext, plain: dict, searcher, run_dir: Path) -> tuple[Recipe, SearchResult]:
+    """A PS search in `run_dir` (trials, checkpoint, best.json) and its best recipe, saved as recipe.yaml."""
+    parallel = searcher.workers > 1
+    scorer = {"factory": FitnessFactory(plain)} if parallel else {"fitness": MergeFitness(context)}
+    problem = Problem.for_genome(context.genome, context.depth, context.sources, seed=plain["seed"], **scorer)
+    result = timed_search(searcher, problem, run_dir, "PS")
+    recipe = context.genome.decode(result.best_x, context.depth, context.sources, seed=plain["seed"],
+                                   pool=context.pool.to_config())  # fmt: skip
+    atomic_write(run_dir / RECIPE_YAML, recipe.to_yaml().encode())
+    return recipe, result
+
+
+def search_path(stage: PathStage, plain: dict, searcher, run_dir: Path):
+    """A DFS search in `run_dir` and its best path, written as path.yaml."""
+    recipe = None if stage.ps_recipe is None else stage.ps_recipe.to_dict()
+    problem = stage.problem(PathFitnessFactory(plain, recipe) if searcher.workers > 1 else None)
+    result = timed_search(searcher, problem, run_dir, "DFS")
+    path = stage.decode(result.best_x)
+    atomic_write(run_dir / PATH_YAML, yaml.safe_dump(path.to_dict(), sort_keys=False).encode())
+    print(f"best path ({len(path.layers)} layers, A = {'the PS merge' if recipe else 'the target'}, "
+          f"B = {stage.donor}): {path.describe()}")  # fmt: skip
+    return path, result
 
 
 def export_best(context: MergeContext, recipe, output_dir: Path) -> Path:
     """best/: the resident model's tower as scored (bit-for-bit), written with the core exporter."""
-    context.merger.apply(recipe)
+    context.resident_merger().apply(recipe)
     state = tower_state(context.bundle.model, context.pool)
     recipe_yaml = recipe.to_yaml()
     return write_model(
@@ -91,18 +153,21 @@ def write_mergekit_yaml(recipe, context: MergeContext, path: Path) -> None:
 
 
 def _row(name: str, result: EvalResult, **extra) -> dict:
-    return {"name": name, "split": result.split, **extra, **{k: round(v, 4) for k, v in result.values.items()}}
+    values = {k: round(v, 4) for k, v in result.values.items()}
+    return {"name": name, "split": result.split, **extra, **values}
 
 
-def heldout_rows(context: MergeContext, baselines: dict, recipe, cfg: dict) -> list[dict]:
-    """The held-out table: each source, the untuned baselines, the tower swap (VLMs), the evolved merge."""
+def heldout_rows(context: MergeContext, baselines: dict, cfg: dict, evolved: list[tuple]) -> list[dict]:
+    """The held-out table: each source, the untuned baselines, the tower swap (VLMs), then the searched merges
+    (`evolved`: (name, merge kind, split -> EvalResult), in order; the final one is named "evolved")."""
     split, rows = "heldout", []
     is_vlm = context.pool.target.spec.is_vlm
     rows.append(_row("target", context.score_source("target", split), kind="source"))
     for name, tower in context.pool.donors.items():
         if is_vlm and not tower.spec.is_vlm:
             donor = load_model(tower.ref, trust_remote_code=context.pool.trust_remote_code)
-            rows.append(_row(name, evaluate_text_only(donor, context.task_for(split), split), kind="source (text only)"))
+            blind = evaluate_text_only(donor, context.task_for(split), split)
+            rows.append(_row(name, blind, kind="source (text only)"))
             del donor
             if cfg.get("tower_swap", True):
                 rows.append(_row(f"tower_swap_{name}", context.score_source(name, split), kind="baseline"))
@@ -110,5 +175,6 @@ def heldout_rows(context: MergeContext, baselines: dict, recipe, cfg: dict) -> l
             rows.append(_row(name, context.score_source(name, split), kind="source"))
     for name, baseline in baselines.items():
         rows.append(_row(name, context.score_recipe(baseline, split), kind="baseline"))
-    rows.append(_row("evolved", context.score_recipe(recipe, split), kind="evolved"))
+    for name, merge, score in evolved:
+        rows.append(_row(name, score(split), kind="evolved" if name == "evolved" else "stage", merge=merge))
     return rows

@@ -250,6 +250,7 @@ def test_ps_dfs_runs_ps_then_dfs_over_the_ps_merge(ps_dfs_math_run, tmp_path):
     assert [t["generation"] for t in read_trials(ps)] == [0, 0, 1, 1, 2]  # merge.ps.budget / popsize
     assert [t["generation"] for t in read_trials(run_dir)] == [0] * 4 + [1] * 4 + [2] * 2  # search.*
     assert "op" in read_trials(ps)[0]["recipe"] and "layers" in read_trials(run_dir)[0]["recipe"]
+    assert load_recipe(run_dir / "tower_a.yaml") == load_recipe(ps / "recipe.yaml")
     rows = json.loads((run_dir / "report.json").read_text())["rows"]
     assert [r["name"] for r in rows] == ["target", "math", "linear", "ties", "dare_ties", "ps", "evolved"]
     assert (rows[-2]["merge"], rows[-1]["merge"]) == ("ps", "ps_dfs") and all("acc_ja" in r for r in rows)
@@ -279,21 +280,3 @@ def test_ps_dfs_killed_in_the_dfs_stage_resumes_it_without_redoing_ps(ps_dfs_mat
     assert searched(ps_rows) == searched(read_trials(straight / "ps"))
     assert (run_dir / "ps" / "recipe.yaml").read_text() == (straight / "ps" / "recipe.yaml").read_text()
     same_run(run_dir, straight)
-
-
-def test_ps_stage_search_settings_and_refusals(tmp_path):
-    from vlmerge.errors import VlmergeError
-    from vlmerge.run import ps_stage_search, run
-
-    with initialize_config_dir(config_dir(), version_base="1.3"):
-        cfg = compose("config", overrides=["merge=ps_dfs", "search.budget=9", "merge.ps.popsize=3",
-                                           f"+run_dir={tmp_path / 'run'}"])  # fmt: skip
-        fixed = compose("config", overrides=["merge=dfs", "search=fixed", "search.recipes=[r.yaml]"])
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    assert {k: ps_stage_search(plain)[k] for k in ("budget", "popsize", "sigma0")} == {
-        "budget": 9, "popsize": 3, "sigma0": pytest.approx(1 / 6)}
-    plain["merge"]["ps"]["budgett"] = 3
-    with pytest.raises(VlmergeError, match=r"merge.ps: unknown key\(s\) \['budgett'\]"):
-        ps_stage_search(plain)
-    with pytest.raises(VlmergeError, match="search=fixed re-scores PS recipes"):
-        run(fixed)

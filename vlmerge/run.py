@@ -5,7 +5,8 @@ The merge config says which search (vlmerge.dfs.search.merge_kind):
 - `dfs` (merge.path): CMA-ES over layer paths through the target (A) and a donor (B) -> path.yaml and best/
   (the target's class with the path's longer layer stack);
 - `ps_dfs` (both): a complete PS search in run_dir/ps (its own trials, checkpoint, recipe.yaml, report), whose
-  best recipe is written into the resident target, which is tower A of a DFS search in the run dir itself.
+  best recipe is written into the resident target, which is tower A of a DFS search in the run dir itself
+  (tower_a.yaml: that recipe; `vlmerge-merge recipe=run_dir/ps/recipe.yaml` writes the PS model alone).
 Every search is the same loop (vlmerge.search.loop): checkpoints, `resume=true` continues each stage where it
 stopped (a finished PS stage evaluates nothing again). The run dir always holds the final stage's trials, and
 report.json: the held-out table of the sources, the untuned baselines (for VLMs the tower swap), the `ps`
@@ -37,13 +38,13 @@ from vlmerge.eval.loading import load_model
 from vlmerge.merge.recipe import Recipe
 from vlmerge.merge.resident import tower_state
 from vlmerge.models.export import model_card, write_model
-from vlmerge.search.checkpoint import atomic_write
+from vlmerge.search.checkpoint import CHECKPOINT, atomic_write, read_trials
 from vlmerge.search.fitness import Problem
 from vlmerge.search.fixed import FixedSearch
 from vlmerge.search.generation import SearchResult
 from vlmerge.search.report import write_report
 
-RECIPE_YAML, PATH_YAML, PS_DIR = "recipe.yaml", "path.yaml", "ps"
+RECIPE_YAML, PATH_YAML, PS_DIR, TOWER_A_YAML = "recipe.yaml", "path.yaml", "ps", "tower_a.yaml"
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -119,8 +120,25 @@ def search_recipe(context: MergeContext, plain: dict, searcher, run_dir: Path) -
     return recipe, result
 
 
+def keep_tower_a(run_dir: Path, recipe: Recipe) -> None:
+    """ps_dfs: the PS recipe that is tower A, kept beside the DFS stage; a resumed DFS stage must have the
+    same A (a PS stage resumed with other settings can end on another recipe)."""
+    file = run_dir / TOWER_A_YAML
+    started = (run_dir / CHECKPOINT).exists() or bool(read_trials(run_dir))
+    if started and file.is_file() and Recipe.from_yaml(file.read_text(), where=str(file)) != recipe:
+        raise VlmergeError(
+            f"{run_dir}: the DFS stage was searched over the PS recipe in {file}, but the PS stage now "
+            f"ends on another ({run_dir / PS_DIR / RECIPE_YAML}); resume with the first run's merge.ps "
+            "settings, or start a new run dir"
+        )
+    atomic_write(file, recipe.to_yaml().encode())
+
+
 def search_path(stage: PathStage, plain: dict, searcher, run_dir: Path):
     """A DFS search in `run_dir` and its best path, written as path.yaml."""
+    if stage.ps_recipe is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        keep_tower_a(run_dir, stage.ps_recipe)
     recipe = None if stage.ps_recipe is None else stage.ps_recipe.to_dict()
     problem = stage.problem(PathFitnessFactory(plain, recipe) if searcher.workers > 1 else None)
     result = timed_search(searcher, problem, run_dir, "DFS")

@@ -19,6 +19,7 @@ from vlmerge.errors import VlmergeError
 from vlmerge.eval.evaluator import evaluate
 from vlmerge.merge.recipe import Recipe
 from vlmerge.models.pool import Pool
+from vlmerge.run import keep_tower_a, ps_stage_search, run
 from vlmerge.search.fitness import evaluate_safely
 
 LAYER0 = "model.language_model.layers.0.mlp.down_proj.weight"
@@ -163,3 +164,32 @@ def test_unfoldable_scalings_are_refused_before_the_search(odd, tmp_path):
         PathStage.build(context, merge)
     unscaled = composed("merge=dfs", "merge.path_model.fold=false", "merge.path.scaling=none")["merge"]
     assert PathStage.build(context, unscaled).spec.n_scale_genes == 0
+
+
+# ---- the ps_dfs orchestration helpers of vlmerge.run ----
+
+
+def test_ps_stage_search_settings_and_refusals():
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=["merge=ps_dfs", "search.budget=9", "merge.ps.popsize=3"])
+        fixed = compose("config", overrides=["merge=dfs", "search=fixed", "search.recipes=[r.yaml]"])
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert {k: ps_stage_search(plain)[k] for k in ("budget", "popsize", "sigma0")} == {
+        "budget": 9, "popsize": 3, "sigma0": pytest.approx(1 / 6)}
+    plain["merge"]["ps"]["budgett"] = 3
+    with pytest.raises(VlmergeError, match=r"merge.ps: unknown key\(s\) \['budgett'\]"):
+        ps_stage_search(plain)
+    with pytest.raises(VlmergeError, match="search=fixed re-scores PS recipes"):
+        run(fixed)
+
+
+def test_a_resumed_dfs_stage_keeps_its_tower_a(tmp_path):
+    first, other = (Recipe.from_dict({"op": "ties", "sources": ["target", "ja"], "rules": [{"weight": w}]})
+                    for w in (0.5, 0.6))  # fmt: skip
+    keep_tower_a(tmp_path, first)
+    keep_tower_a(tmp_path, other)  # nothing searched yet: the new A is kept
+    assert Recipe.from_yaml((tmp_path / "tower_a.yaml").read_text()) == other
+    (tmp_path / "trials.jsonl").write_text('{"trial": 0}\n')
+    keep_tower_a(tmp_path, other)
+    with pytest.raises(VlmergeError, match="the DFS stage was searched over the PS recipe in .*tower_a.yaml"):
+        keep_tower_a(tmp_path, first)

@@ -31,6 +31,7 @@ from vlmerge.candidates import (
     baseline_recipes,
     evaluate_text_only,
 )
+from vlmerge.dfs.path import LayerPath
 from vlmerge.dfs.search import PathFitnessFactory, PathStage, merge_kind
 from vlmerge.errors import VlmergeError
 from vlmerge.eval.evaluator import EvalResult
@@ -134,7 +135,7 @@ def keep_tower_a(run_dir: Path, recipe: Recipe) -> None:
     atomic_write(file, recipe.to_yaml().encode())
 
 
-def search_path(stage: PathStage, plain: dict, searcher, run_dir: Path):
+def search_path(stage: PathStage, plain: dict, searcher, run_dir: Path) -> tuple[LayerPath, SearchResult]:
     """A DFS search in `run_dir` and its best path, written as path.yaml."""
     if stage.ps_recipe is not None:
         run_dir.mkdir(parents=True, exist_ok=True)

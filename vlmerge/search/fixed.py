@@ -35,11 +35,17 @@ class FixedSearch:
     resume: bool = False  # reuse the successful trials already logged in the run dir
     ray_address: str | None = None
     gpus_per_worker: float | None = None
+    budget: int | None = None  # at most this many evaluations (experiments set one for the search)
 
     def __post_init__(self):
         object.__setattr__(self, "recipes", tuple(str(r) for r in self.recipes))
         if not self.recipes:
             raise VlmergeError("search.recipes is empty: list the recipe files to score")
+        if self.budget is not None and len(self.recipes) > self.budget:
+            raise VlmergeError(
+                f"search.recipes lists {len(self.recipes)} recipes but search.budget = {self.budget}: "
+                "raise the budget or list fewer recipes"
+            )
 
     def run(self, problem: Problem, run_dir: Path | str) -> SearchResult:
         if problem.encode is None:

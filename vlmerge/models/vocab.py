@@ -12,7 +12,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
 
 
 def id_to_token(folder) -> list[str] | None:
-    """The tokenizer's id -> string table, None when the folder has no tokenizer."""
+    """The tokenizer's id -> string table, None when the folder has no tokenizer.
+
+    A `tokenizer.json` is read with the `tokenizers` library (0.01 s, against ~2 s to import transformers);
+    other formats go through AutoTokenizer.
+    """
+    if (folder / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as err:  # noqa: BLE001  (reported, not fatal: the weights may still merge)
+            log.warning("cannot read %s (%s); vocabulary not checked", folder / "tokenizer.json", err)
+            return None
+        return [tokenizer.id_to_token(i) for i in range(tokenizer.get_vocab_size(with_added_tokens=True))]
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from PIL import Image
@@ -22,15 +21,6 @@ from vlmerge.merge.command import export_recipe, open_pool, read_recipe_file
 REPO = Path(__file__).resolve().parents[2]
 TOY_VQA = REPO / "eval_data" / "toy_vqa_ja"
 TOY_MATH = REPO / "eval_data" / "toy_math_ja"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot to them on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_eval(*overrides: str):

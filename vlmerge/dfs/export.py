@@ -17,8 +17,6 @@ processor files are copied from the target folder. Written into a temp folder, r
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +29,7 @@ from vlmerge import __version__
 from vlmerge.dfs.model import PathModel, check_foldable
 from vlmerge.dfs.path import LayerPath
 from vlmerge.errors import VlmergeError
-from vlmerge.models.export import _copy_non_weights, check_output_dir, parse_size
+from vlmerge.models.export import _copy_non_weights, check_output_dir, parse_size, staged_dir
 from vlmerge.models.pool import Tower, open_tower
 from vlmerge.models.source import ModelRef, as_ref
 from vlmerge.models.towers import layer_of
@@ -66,24 +64,13 @@ def export_path(path_model: PathModel, path: LayerPath, output_dir: Path | str, 
     check_output_dir(output_dir, overwrite)
     entries = _entries(path_model, path, tower, targets, out_dtype)
     config = _path_config(tower, path_model, path)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged_dir(output_dir, overwrite) as tmp:
         _copy_non_weights(tower.folder, tmp, tower.spec.subdir)
         (tmp / tower.spec.subdir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _write_shards(tmp / tower.spec.subdir, entries, parse_size(max_shard_size))
         record = {"path": path.to_dict(), "donor": str(path_model.donor.folder), "target": str(tower.folder)}
         (tmp / PATH_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
         (tmp / "README.md").write_text(_card(path, tower, path_model))
-        if output_dir.exists():
-            trash = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
-            output_dir.rename(trash)
-            shutil.rmtree(trash)
-        tmp.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output_dir
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -41,6 +42,29 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
         raise VlmergeError(f"output dir {output_dir} exists and is not empty; pass overwrite=true to replace it")
 
 
+@contextmanager
+def staged_dir(output_dir: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary folder beside `output_dir`, renamed to it when the block ends without error, else removed.
+
+    An existing non-empty `output_dir` is refused unless `overwrite` (then replaced only at the very end).
+    """
+    check_output_dir(output_dir, overwrite)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        yield tmp
+        if output_dir.exists():
+            trash = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
+            output_dir.rename(trash)
+            shutil.rmtree(trash)
+        tmp.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_model(
     pool: Pool,
     output_dir: Path | str,
@@ -54,24 +78,12 @@ def write_model(
 ) -> Path:
     """Write the target model of `pool` with the tower tensors that `tensors()` yields replacing its own."""
     output_dir = Path(output_dir)
-    check_output_dir(output_dir, overwrite)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged_dir(output_dir, overwrite) as tmp:
         _copy_non_weights(pool.target.folder, tmp, pool.target.spec.subdir)
         _write_weights(pool, tmp / pool.target.spec.subdir, tensors(), parse_size(max_shard_size), out_dtype)
         (tmp / "README.md").write_text(card)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        if output_dir.exists():
-            trash = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
-            output_dir.rename(trash)
-            shutil.rmtree(trash)
-        tmp.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output_dir
 
 
@@ -88,7 +100,7 @@ def _copy_non_weights(src: Path, dst: Path, tower_subdir: str) -> None:
             skipped.update(n for n in names if n.endswith(WEIGHT_SUFFIXES) or n in INDEX_NAMES)
         return [n for n in names if n in skipped]
 
-    shutil.copytree(src, dst, ignore=ignore)
+    shutil.copytree(src, dst, ignore=ignore, dirs_exist_ok=True)
 
 
 def _write_weights(pool: Pool, folder: Path, merged: Iterator[tuple[str, torch.Tensor]], max_shard: int,
@@ -98,8 +110,9 @@ def _write_weights(pool: Pool, folder: Path, merged: Iterator[tuple[str, torch.T
     names = checkpoint.names
 
     def size(name: str) -> int:
-        itemsize = out_dtype.itemsize if out_dtype is not None and name in merged_keys else checkpoint.dtype(name).itemsize
-        return checkpoint.nbytes(name) // checkpoint.dtype(name).itemsize * itemsize
+        stored = checkpoint.dtype(name).itemsize
+        written = out_dtype.itemsize if out_dtype is not None and name in merged_keys else stored
+        return checkpoint.nbytes(name) // stored * written
 
     shards: list[list[str]] = [[]]
     filled = 0

@@ -7,7 +7,10 @@ tower into the resident parameters through `ResidentMerger.apply` (the code path
 Floor = bytes a candidate must move (read the base and every task vector, write the tower) / the copy
 bandwidth measured in the same run (device-to-device copy of a 4 GiB buffer: 2 x 4 GiB moved).
 
-    python bench/bench_resident_gpu.py [--layers 32] [--skip-generation]
+After each op's timing, a few tensors are merged again through `merge_tensor` (the exporter's path) and must be
+bitwise the resident result. `--profile` prints torch.profiler's table for one candidate of each op.
+
+    python bench/bench_resident_gpu.py [--layers 32] [--skip-generation] [--profile]
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import time
 
 import torch
 
-from vlmerge.merge.merger import TensorInputs
+from vlmerge.merge.merger import TensorInputs, merge_tensor
 from vlmerge.merge.recipe import Recipe
 from vlmerge.merge.resident import ResidentMerger, cache_tensor
 from vlmerge.models.plan import TensorPlan
@@ -88,7 +91,27 @@ def time_apply(merger: ResidentMerger, recipe: Recipe, repeats: int = 5) -> floa
     return sorted(times)[len(times) // 2]
 
 
-def bench_merge(layers: int) -> list[tuple[str, float, float]]:
+def same_as_exporter(merger: ResidentMerger, recipe: Recipe) -> bool:
+    """The resident tensors == merge_tensor's (the exporter's) for the embedding, one MLP matrix and one norm."""
+    picked = [merger.entries[i] for i in (0, 5, 8)]
+    for entry in picked:
+        stats = entry.stats if recipe.op == "ties" else None
+        again = merge_tensor(entry.plan, entry.inputs, recipe, stats=stats, out=entry.param.detach().clone())
+        if not torch.equal(again, entry.param):
+            return False
+    return True
+
+
+def profile_apply(merger: ResidentMerger, recipe: Recipe) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        merger.apply(recipe)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8), flush=True)
+
+
+def bench_merge(layers: int, profile: bool = False) -> list[tuple[str, float, float]]:
     recipes = {
         "linear": {"op": "linear", "rules": [{"weight": 0.6}, {"source": "ja", "weight": 1.3}]},
         "ties": {"op": "ties", "rules": [{"weight": 1.0, "density": 0.4}]},
@@ -102,8 +125,13 @@ def bench_merge(layers: int) -> list[tuple[str, float, float]]:
           f"cache {sum(e.inputs.deltas.numel() * 3 for e in merger.entries) * 2 / 2**30:.0f} GiB")  # fmt: skip
     rows = []
     for name, raw in recipes.items():
-        seconds = time_apply(merger, Recipe.from_dict({**raw, "sources": ["target", "ja"], "seed": 0}))
+        recipe = Recipe.from_dict({**raw, "sources": ["target", "ja"], "seed": 0})
+        seconds = time_apply(merger, recipe)
         rows.append((name, seconds, seconds / floor))
+        print(f"  {name}: {seconds * 1e3:.1f} ms = {seconds / floor:.2f} x floor; "
+              f"bitwise the exporter's: {same_as_exporter(merger, recipe)}", flush=True)
+        if profile:
+            profile_apply(merger, recipe)
     del merger
     torch.cuda.empty_cache()
     return rows, floor
@@ -113,9 +141,15 @@ def bench_generation(batch: int, new_tokens: int, items: int = 64) -> tuple[floa
     """tok/s of vlmerge's generate on a resident random 7B-shaped LLaVA-NeXT vs plain HF generate."""
     from PIL import Image
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                              LlavaNextImageProcessor, LlavaNextProcessor, MistralConfig,
-                              PreTrainedTokenizerFast)  # fmt: skip
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+        MistralConfig,
+        PreTrainedTokenizerFast,
+    )
 
     from vlmerge.eval.generate import GenerationSettings, generate
     from vlmerge.eval.loading import ModelBundle
@@ -175,11 +209,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--skip-generation", action="store_true")
+    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    merge_rows, floor = bench_merge(args.layers)
-    for name, seconds, ratio in merge_rows:
-        print(f"  {name}: {seconds * 1e3:.1f} ms = {ratio:.2f} x floor", flush=True)
+    merge_rows, floor = bench_merge(args.layers, args.profile)
     gen = None if args.skip_generation else bench_generation(args.batch, args.new_tokens)
     print(f"\n{torch.cuda.get_device_name()} | in-memory candidate merge, 7B-shaped bf16 tower, 2 sources")
     print(f"{'op':<10} {'ms':>8} {'x floor':>8} {'target':>7}")

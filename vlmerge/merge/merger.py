@@ -1,8 +1,9 @@
 """Apply a recipe to the tensors of a pool, one tower tensor at a time.
 
 `merge_tensor` is the single definition of a merged tensor: the exporter streams it tensor by tensor, the
-search calls it on cached task vectors in memory. Same inputs, same op, same generator seeded by (recipe seed,
-tower name) -> the model a genome scored is bit-for-bit the model exported.
+search runs the same computation on cached task vectors in memory (merge/fused.py, one pass per tensor). Same
+inputs, same op, same DARE key from (recipe seed, tower name) -> the model a genome scored is bit-for-bit the
+model exported.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from vlmerge.merge import fused
 from vlmerge.merge.ops import DeltaStats, get_op
 from vlmerge.merge.recipe import Recipe
-from vlmerge.merge.sparsify import tensor_generator
+from vlmerge.merge.sparsify import tensor_generator, tensor_key
 from vlmerge.models.plan import TensorPlan
 from vlmerge.models.pool import Pool
 
@@ -52,11 +54,16 @@ def merge_tensor(plan: TensorPlan, inputs: TensorInputs, recipe: Recipe, *, stat
     """
     spec = get_op(recipe.op)
     args = recipe.args_for(plan.name, plan.layer, plan.kind)
+    rows = slice(None) if plan.rows is None else slice(0, plan.rows)
+    if fused.supports(spec):  # the one-pass formula, written straight into `out`
+        seed = tensor_key(recipe.seed, plan.name) if spec.random else None
+        target = None if out is None else out[rows]
+        merged = fused.merge_one(spec, inputs.base, inputs.deltas, args, seed=seed, stats=stats, out=target)
+        return merged if out is None else out
     generator = tensor_generator(recipe.seed, plan.name, inputs.base.device) if spec.random else None
     merged = spec.fn(inputs.base, inputs.deltas, args, generator=generator, stats=stats)
     if out is None:
         return merged
-    rows = slice(None) if plan.rows is None else slice(0, plan.rows)
     out[rows].copy_(merged)
     return out
 

@@ -4,9 +4,11 @@ Every op has one signature::
 
     op(base: Tensor[*S], deltas: Tensor[n, *S], p: OpArgs, *, generator=None, stats=None) -> Tensor[*S]
 
-`deltas[i]` = source_i - base, sources in a fixed order (the target first, then the donors). The op
-computes in the dtype it is given (slerp's reductions and interpolation run in float32, or float64 for float64
-input, as in mergekit) and returns a new tensor of shape S in that dtype; inputs are never modified.
+`deltas[i]` = source_i - base, sources in a fixed order (the target first, then the donors). Every op
+computes in float32 (float64 for float64 input; 16-bit inputs are upcast, as mergekit's slerp does) and returns
+a new tensor of shape S in the input dtype, rounded once; inputs are never modified. These functions are the
+reference; `merge.fused` computes the task-arithmetic family (all but slerp) in one pass per tensor, with the
+same formula, and is what the exporter and the search run.
 
 | op               | per source             | shared                      | normalize | rescale | base | rnd |
 |------------------|------------------------|-----------------------------|-----------|---------|------|-----|
@@ -152,6 +154,11 @@ def _prepare(op_name: str, base: Tensor, deltas: Tensor, p: OpArgs) -> int:
     return deltas.shape[0]
 
 
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype an op computes in for inputs of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _weights(p: OpArgs, like: Tensor) -> Tensor:
     return torch.tensor(p.weight, dtype=like.dtype, device=like.device)
 
@@ -163,8 +170,10 @@ def linear(base: Tensor, deltas: Tensor, p: OpArgs, *, generator: torch.Generato
     total = math.fsum(p.weight)
     normalize = _flag(p.normalize, OPS["linear"].normalize)
     alpha, beta = (1.0 / total, 1.0) if normalize else (1.0, total)
-    flat = torch.addmv(base.reshape(-1), deltas.reshape(n, -1).T, _weights(p, deltas), beta=beta, alpha=alpha)
-    return flat.view(base.shape)
+    work = work_dtype(base.dtype)
+    flat = torch.addmv(base.reshape(-1).to(work), deltas.reshape(n, -1).T.to(work), _weights(p, deltas.to(work)),
+                       beta=beta, alpha=alpha)  # fmt: skip
+    return flat.view(base.shape).to(base.dtype)
 
 
 def task_arithmetic(base: Tensor, deltas: Tensor, p: OpArgs, *, generator: torch.Generator | None = None,
@@ -172,8 +181,10 @@ def task_arithmetic(base: Tensor, deltas: Tensor, p: OpArgs, *, generator: torch
     """base + lambda * sum(w_i d_i) [/ sum(w_i)], one gemv."""
     n = _prepare("task_arithmetic", base, deltas, p)
     scale = p.lambda_ / _linear_divisor(p, OPS["task_arithmetic"])
-    flat = torch.addmv(base.reshape(-1), deltas.reshape(n, -1).T, _weights(p, deltas), alpha=scale)
-    return flat.view(base.shape)
+    work = work_dtype(base.dtype)
+    flat = torch.addmv(base.reshape(-1).to(work), deltas.reshape(n, -1).T.to(work), _weights(p, deltas.to(work)),
+                       alpha=scale)  # fmt: skip
+    return flat.view(base.shape).to(base.dtype)
 
 
 def _linear_divisor(p: OpArgs, spec: OpSpec) -> float:
@@ -191,6 +202,8 @@ def _sparse_task_arithmetic(
     n = _prepare(spec.name, base, deltas, p)
     if base.numel() == 0:
         return base.clone()
+    out_dtype, work = base.dtype, work_dtype(base.dtype)
+    base, deltas = base.to(work), deltas.to(work)
     kept, factors = prune(
         deltas,
         spec.sparsification,
@@ -203,7 +216,7 @@ def _sparse_task_arithmetic(
     if not spec.consensus:  # one gemv: base + scale * sum_i (w_i * factor_i) kept_i
         coef = _weights(p, kept) if factors is None else _weights(p, kept) * factors
         scale = p.lambda_ / _linear_divisor(p, spec)
-        return torch.addmv(base.reshape(-1), kept.T, coef, alpha=scale).view(base.shape)
+        return torch.addmv(base.reshape(-1), kept.T, coef, alpha=scale).view(base.shape).to(out_dtype)
     weighted = scale_rows_(kept, p.weight, factors).view(deltas.shape)
     agree = torch.where(weighted.sum(0) >= 0, weighted > 0, weighted < 0)
     mixed = weighted.mul_(agree).sum(0)
@@ -214,7 +227,7 @@ def _sparse_task_arithmetic(
         mixed.div_(divisor.masked_fill_(divisor == 0, 1))
     if p.lambda_ != 1:
         mixed.mul_(p.lambda_)
-    return mixed.add_(base)
+    return mixed.add_(base).to(out_dtype)
 
 
 def ties(base: Tensor, deltas: Tensor, p: OpArgs, *, generator: torch.Generator | None = None,

@@ -4,7 +4,8 @@ Methods (mergekit's names): `magnitude` (TIES: keep the k = max(1, int(density *
 `random` (DARE: keep each entry with probability density) and `magnitude_outliers` (breadcrumbs: drop the
 int(gamma * numel) largest |delta| and the smallest ones, keep int(density * numel)). `rescale` is mergekit's:
 the kept entries are scaled so that each source's L1 norm is what it was before pruning (skipped when either
-norm is < 1e-7, and for a source with density >= 1, which mergekit returns untouched). Note this is *not*
+norm is < 1e-7, and for a source with density >= 1, which mergekit returns untouched); the norms are summed in
+float64. Note this is *not*
 DARE's textbook 1/density factor; mergekit 0.1.5 matches the L1 norm for every method.
 
 Magnitude pruning is a threshold, not an argsort: keep |d| >= (k-th largest |d|). The threshold is one index
@@ -16,19 +17,24 @@ Tie handling differs from mergekit's argsort only when several entries share the
 threshold keeps all of them (slightly more than k entries), argsort keeps an arbitrary k. With float32 task
 vectors this practically never happens; with bf16 ones it keeps one more quantisation bucket.
 
-DARE masks are `torch.rand(...) < density` drawn from a caller-seeded generator (see `tensor_generator`), in
-float32 whatever the compute dtype, so one seed gives one mask; masks are nested across densities (a higher
-density keeps a superset), which keeps the search's objective smooth in density. Masks depend on the
-generator's device (the CPU and CUDA streams differ; PyTorch's CUDA launch geometry may differ between GPU
-models): score and export a DARE recipe on the same kind of device to get the same model.
+DARE masks are counter-based: source j of a tensor keeps element e when the 24 high bits of
+lowbias32(e ^ key_j) (Wellons' 32-bit integer hash), read as a uniform in [0, 1), are below the source's density
+(in float32). key_j comes from (run seed, tensor name, j) by sha256 (see `tensor_key`, `source_keys`). No random
+stream: the mask is a pure function of the element index, identical on every device and in every kernel
+(NumPy on CPU, torch integer ops elsewhere, the fused GPU kernel), and masks are nested across densities (a
+higher density keeps a superset), which keeps the search's objective smooth in density. Element indices are
+32-bit: a tensor with 2**32 or more entries is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,6 +42,8 @@ from vlmerge.errors import VlmergeError
 
 METHODS = ("magnitude", "random", "magnitude_outliers")
 L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor eps
+HASH_MUL = (0x7FEB352D, 0x846CA68B)  # lowbias32's multipliers
+MASK32 = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -53,12 +61,62 @@ def delta_stats(deltas: Tensor) -> DeltaStats:
     return DeltaStats(torch.sort(deltas.reshape(deltas.shape[0], -1).abs(), dim=1).values)
 
 
+@lru_cache(maxsize=1 << 16)
+def tensor_key(seed: int, name: str) -> int:
+    """The 63-bit seed of (run seed, tensor name), by sha256: stable across processes and Python runs."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "big") >> 1
+
+
 def tensor_generator(seed: int, name: str, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator seeded from (run seed, tensor name) by sha256: stable across processes and Python runs."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    """A generator seeded with `tensor_key(seed, name)`; DARE reads only its seed (the masks are hashes)."""
     generator = torch.Generator(device=device)
-    generator.manual_seed(int.from_bytes(digest[:8], "big") >> 1)
+    generator.manual_seed(tensor_key(seed, name))
     return generator
+
+
+@lru_cache(maxsize=1 << 16)
+def source_keys(key: int, n: int) -> tuple[int, ...]:
+    """32-bit hash keys of the n sources of one tensor whose key (or generator seed) is `key`."""
+    return tuple(int.from_bytes(hashlib.sha256(f"{key}:{j}".encode()).digest()[:4], "big") for j in range(n))
+
+
+def keep_threshold(density: float) -> int:
+    """Entries whose 24-bit draw is below this are kept: draw / 2**24 < float32(density)."""
+    return math.ceil(float(np.float32(density)) * 2**24)
+
+
+def check_indexable(numel: int) -> None:
+    if numel >= 2**32:
+        raise VlmergeError(f"random sparsification indexes elements with 32 bits; a tensor has {numel} entries")
+
+
+def draws_numpy(start: int, stop: int, key: int) -> np.ndarray:
+    """24-bit draws (uint32) of element indices [start, stop) under one 32-bit source key."""
+    x = np.arange(start, stop, dtype=np.uint32)
+    x ^= np.uint32(key)
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(HASH_MUL[0])
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(HASH_MUL[1])
+    x ^= x >> np.uint32(16)
+    return x >> np.uint32(8)
+
+
+def draws_torch(start: int, stop: int, key: int, device: torch.device | str) -> Tensor:
+    """`draws_numpy` with torch integer ops (int64 holding uint32 values) on any device."""
+    x = torch.arange(start, stop, dtype=torch.int64, device=device) ^ key
+    x = x ^ (x >> 16)
+    x = (x * HASH_MUL[0]) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * (HASH_MUL[1] - 2**32)) & MASK32  # a multiplier above 2**31 as its negative: no int64 overflow
+    return (x ^ (x >> 16)) >> 8
+
+
+def hash_draws(start: int, stop: int, key: int, device: torch.device | str = "cpu") -> Tensor:
+    """The draws as an int64 tensor on `device` (NumPy on CPU)."""
+    if torch.device(device).type == "cpu":
+        return torch.from_numpy(draws_numpy(start, stop, key).astype(np.int64))
+    return draws_torch(start, stop, key, device)
 
 
 def _check_stats(stats: DeltaStats, mags: Tensor) -> None:
@@ -76,7 +134,7 @@ def _ascending_values(mags: Tensor, row: int, ranks: Sequence[int], stats: Delta
     kthvalue took 412 ms on 58.7M entries, its sort 2.6 ms). All return the same element.
     """
     if stats is not None:
-        return [stats.sorted_abs[row, r] for r in ranks]
+        return [stats.sorted_abs[row, r].to(mags.dtype) for r in ranks]
     if mags.device.type == "cpu":
         return [torch.kthvalue(mags[row], r + 1).values for r in ranks]
     ordered = torch.sort(mags[row]).values
@@ -125,13 +183,16 @@ def outlier_mask(mags: Tensor, density: Sequence[float], gamma: Sequence[float],
 
 def random_mask(shape: tuple[int, int], density: Sequence[float], generator: torch.Generator | None,
                 device: torch.device) -> Tensor:  # fmt: skip
-    """Bool [n, N]: entry kept when its uniform draw < the source's density (float32 draws, seeded)."""
+    """Bool [n, N]: entry kept when its hashed draw < the source's density (keys from the generator's seed)."""
     if generator is None:
         raise ValueError(
             "random sparsification (DARE) needs a generator: pass tensor_generator(seed, name, device)"
         )
-    draws = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
-    return draws < torch.tensor(density, dtype=torch.float32, device=device)[:, None]
+    n, numel = shape
+    check_indexable(numel)
+    keys = source_keys(generator.initial_seed(), n)
+    rows = [hash_draws(0, numel, keys[j], device) < keep_threshold(density[j]) for j in range(n)]
+    return torch.stack(rows).to(device) if rows else torch.zeros(shape, dtype=torch.bool, device=device)
 
 
 def prune(deltas: Tensor, method: str, density: Sequence[float], *, gamma: Sequence[float] = (),
@@ -155,10 +216,11 @@ def prune(deltas: Tensor, method: str, density: Sequence[float], *, gamma: Seque
     kept = flat * keep
     if not rescale:
         return kept, None
-    before = mags.sum(1) if mags is not None else torch.linalg.vector_norm(flat, 1, dim=1)
-    after = torch.linalg.vector_norm(kept, 1, dim=1)
+    # float64 sums: float32 ones (vector_norm's) drift by ~0.1% over tens of millions of entries
+    before = (mags if mags is not None else flat.abs()).sum(1, dtype=torch.float64)
+    after = kept.abs().sum(1, dtype=torch.float64)
     skip = (before < L1_EPS) | (after < L1_EPS) | torch.tensor([d >= 1 for d in density], device=flat.device)
-    return kept, torch.where(skip, 1.0, before / after)
+    return kept, torch.where(skip, 1.0, before / after).to(flat.dtype)
 
 
 def scale_rows_(kept: Tensor, coef: Sequence[float], factors: Tensor | None = None) -> Tensor:

@@ -24,7 +24,7 @@ from vlmerge.merge.sparsify import (
     draws_torch,
     sparsify,
     tensor_generator,
-    tensor_key,  # fmt: skip
+    tensor_key,
 )
 from vlmerge.models.plan import TensorPlan
 from vlmerge.models.towers import layer_of, module_kind

@@ -27,14 +27,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vlmerge.merge.ops import OpArgs, OpSpec, _flag, _prepare, work_dtype
+from vlmerge.merge.ops import DEFAULT_DENSITY, DEFAULT_GAMMA, OpArgs, OpSpec, _flag, _prepare, work_dtype
 from vlmerge.merge.sparsify import (
     L1_EPS,
     DeltaStats,
     _ascending_values,
     _check_stats,
     check_indexable,
-    draws_numpy,  # fmt: skip
+    draws_numpy,
     source_keys,
 )
 
@@ -116,7 +116,6 @@ def gta_call(spec: OpSpec, weight: np.ndarray, density: np.ndarray, gamma: np.nd
 
 def call_for_args(spec: OpSpec, args: OpArgs, n: int, numel: int, seed: int | None) -> GtaCall:
     """GtaCall of one tensor from its resolved OpArgs (defaults filled as the reference fills them)."""
-    from vlmerge.merge.ops import DEFAULT_DENSITY, DEFAULT_GAMMA
 
     def row(values: tuple[float, ...], default: float) -> np.ndarray:
         return np.array([values or (default,) * n], dtype=np.float64)
@@ -184,14 +183,16 @@ def merge_cpu(call: GtaCall, row: int, base: Tensor, deltas: Tensor, out: Tensor
     scale, beta = np_work(call.scale[row]), np_work(call.beta[row])
     one = np_work(1)
     out_flat = out.view(-1) if out.is_contiguous() else torch.empty(numel, dtype=out.dtype, device=out.device)
+    x_buf, b_buf = np.empty(min(CHUNK, numel), dtype=np_work), np.empty(min(CHUNK, numel), dtype=np_work)
     for start in range(0, numel, CHUNK):
         stop = min(start + CHUNK, numel)
         s = np.zeros(stop - start, dtype=np_work)
+        x = x_buf[: stop - start]
         pos, neg, w_pos, w_neg = (np.zeros_like(s) for _ in range(4)) if call.spec.consensus else (None,) * 4
         for j in range(n):
             d = _chunk(d_flat[j], start, stop, work)
             kept = keep(j, np.abs(d) if sparsify == 1 else None, start, stop)
-            x = d * coef[j]
+            np.multiply(d, coef[j], out=x)
             if kept is not None:
                 x *= kept
             s += x
@@ -209,8 +210,9 @@ def merge_cpu(call: GtaCall, row: int, base: Tensor, deltas: Tensor, out: Tensor
             if call.normalize:
                 divisor = w_pos * elect + w_neg * (one - elect)
                 mixed = mixed / (divisor + (divisor == 0))
-        merged = mixed * scale + _chunk(b_flat, start, stop, work) * beta
-        out_flat[start:stop] = torch.from_numpy(merged).to(base.dtype)
+        mixed *= scale
+        mixed += np.multiply(_chunk(b_flat, start, stop, work), beta, out=b_buf[: stop - start])
+        out_flat[start:stop] = torch.from_numpy(mixed).to(base.dtype)
     if not out.is_contiguous():
         out.copy_(out_flat.view(out.shape))
 

@@ -103,6 +103,8 @@ class ResidentMerger:
             for entry in self.entries:
                 merge_tensor(entry.plan, entry.inputs, recipe, stats=entry.stats, out=entry.param.data)
             return
+        if not self.entries:
+            return
         call = self._call(spec, recipe)
         groups, rest = self._launch_plan(spec.uses_stats)
         outs = self._outs()

@@ -280,3 +280,16 @@ def test_ps_dfs_killed_in_the_dfs_stage_resumes_it_without_redoing_ps(ps_dfs_mat
     assert searched(ps_rows) == searched(read_trials(straight / "ps"))
     assert (run_dir / "ps" / "recipe.yaml").read_text() == (straight / "ps" / "recipe.yaml").read_text()
     same_run(run_dir, straight)
+
+
+def test_multirun_sweep_gives_each_job_its_own_run_dir(tiny, tmp_path):
+    data = write_math(tmp_path / "math")
+    sweep = tmp_path / "sweep"
+    vlmerge("-m", "experiment=toy_math_ja", f"pool.target.path={tiny.ja}", f"pool.donors.math.path={tiny.math}",
+            f"pool.base.path={tiny.base}", f"task.data={data}", "task.max_new_tokens=2", "task.stop=[]",
+            "search.budget=2", "search.popsize=2", "merge.genome.groups=model", "heldout=false", "seed=0,1",
+            f"hydra.sweep.dir={sweep}")  # fmt: skip
+    runs = sorted(p.parent for p in sweep.rglob("trials.jsonl"))
+    assert len(runs) == 2 and runs[0] != runs[1]
+    assert {json.loads((r / "best.json").read_text())["x"] != [] for r in runs} == {True}
+    assert all((r / "recipe.yaml").is_file() for r in runs)

@@ -164,3 +164,16 @@ def test_recipe_sources_must_match_pool(tiny, tmp_path):
     recipe = Recipe.from_dict({"op": "ties", "sources": ["target", "jp"]})
     with pytest.raises(VlmergeError, match=r"recipe sources \['target', 'jp'\] do not match"):
         export_recipe(pool, recipe, tmp_path / "out")
+
+
+def test_missing_shard_is_named(tiny, tmp_path):
+    pool = Pool(target=str(tiny.ja), donors={}, base=str(tiny.base), verbose=False)
+    sharded = export_recipe(pool, Recipe.from_dict({"op": "linear", "sources": ["target"]}), tmp_path / "sharded",
+                            max_shard_size=20_000)  # fmt: skip
+    shard = sorted(sharded.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(VlmergeError, match=f"shard {shard.name} .* is missing"):
+        Pool(target=str(tiny.llava), donors={"ja": str(sharded)}, base=str(tiny.base))
+    (tiny.root / "no_config").mkdir(exist_ok=True)
+    with pytest.raises(VlmergeError, match="missing config.json in .*no_config"):
+        Pool(target=str(tiny.llava), donors={"ja": str(tiny.root / "no_config")}, base=str(tiny.base))

@@ -133,3 +133,19 @@ def test_composite_vlm_merge_keeps_vision_files_and_generates(tiny, tmp_path):
     inputs = processor(text=["<image> what colour is the circle"], images=[Image.new("RGB", (32, 32), "blue")])
     new = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert new.shape == (1, 3)
+
+
+def test_llava_next_export_loads_and_generates(tiny, tmp_path):
+    from transformers import LlavaNextForConditionalGeneration
+
+    pool = Pool(target=str(tiny.llava_next), donors={"ja": str(tiny.ja)}, base=str(tiny.base), verbose=False)
+    out = export_recipe(pool, recipe("dare_ties", rules=[{"weight": 0.8, "density": 0.6}]), tmp_path / "next")
+    original = load_all(tiny.llava_next)
+    merged = load_all(out)
+    assert torch.equal(merged["image_newline"], original["image_newline"])
+    model = LlavaNextForConditionalGeneration.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    inputs = processor(text=["<image> how many are there"], images=[Image.new("RGB", (32, 64), "green")],
+                       return_tensors="pt")  # fmt: skip
+    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert generated.shape == (1, inputs["input_ids"].shape[1] + 3)

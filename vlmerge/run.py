@@ -166,7 +166,7 @@ def export_best(context: MergeContext, recipe, output_dir: Path) -> Path:
 
 
 def write_mergekit_yaml(recipe, context: MergeContext, path: Path) -> None:
-    from vlmerge.merge.mergekit_yaml import to_mergekit_yaml
+    from vlmerge.merge.mergekit_export import to_mergekit_yaml
 
     path.write_text(to_mergekit_yaml(recipe, context.pool.to_config(), context.depth))
 

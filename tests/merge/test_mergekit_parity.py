@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from tests.fixtures.hf_models import make_base_lm, make_finetune
 from vlmerge.errors import VlmergeError
 from vlmerge.merge.command import export_recipe, merge_command, read_recipe_file
-from vlmerge.merge.mergekit_yaml import from_mergekit, layer_t, to_mergekit, to_mergekit_yaml, value_at
+from vlmerge.merge.mergekit_export import to_mergekit, to_mergekit_yaml
+from vlmerge.merge.mergekit_yaml import from_mergekit, layer_t, value_at
 from vlmerge.merge.recipe import Recipe
 from vlmerge.models.pool import Pool
 from vlmerge.models.towers import layer_of, module_kind

@@ -1,0 +1,292 @@
+"""Rebuild the toy world's shipped source models, deterministically, on a laptop CPU.
+
+    python -m vlmerge.toy.build --out eval_data/toy_models        # about 15 minutes on 2 CPU threads
+
+From one bilingual base LM it makes the three sources of the toy experiments, saved as ordinary folders:
+
+    base/         the base LM (Mistral architecture): reads English and Japanese, answers questions about
+                  text in English only (an "English instruct" model; it has never seen a picture or a sum)
+    vlm_en/       composite VLM: OpenCLIP ViT (pre-trained alone on what each grid cell shows, the toy's
+                  CLIP) + MLP projector + the base LM, tuned on English VQA only
+    lm_ja/        the base LM tuned on Japanese text tasks only (answers in Japanese, no pictures)
+    lm_math_en/   the base LM tuned on English arithmetic word problems only
+
+Every folder holds safetensors weights, the shared tokenizer and a MANIFEST.json (sha256 of every file,
+this command, seeds, stage losses and wall time). Where each skill is put (which layers learn how fast)
+is in `DEFAULT`; eval_data/toy_models/README.md says why. Bytes repeat on the same machine and thread
+count; other CPUs or thread counts may differ in the last bits of the weights (float summation order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import platform
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from vlmerge.errors import VlmergeError
+from vlmerge.models.composite import CompositeVLM
+from vlmerge.models.composite_processor import CompositeProcessor
+from vlmerge.toy import problems as P
+from vlmerge.toy import scenes as S
+from vlmerge.toy import texts as T
+from vlmerge.toy import train as TR
+from vlmerge.toy.model_configs import LMArch, VisionArch, count_parameters, new_lm
+from vlmerge.toy.tokenizer import build_tokenizer
+
+FOLDERS = ("base", "vlm_en", "lm_ja", "lm_math_en")
+COMMAND = "python -m vlmerge.toy.build --out eval_data/toy_models"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage: `n` generated examples, then `steps` AdamW steps at peak `lr`, each LM layer at
+    `lr * layer_lr[i]` (0 freezes it)."""
+
+    n: int
+    steps: int
+    lr: float
+    seed: int
+    layer_lr: tuple[float, ...] = ()
+    batch_size: int = 64
+    warmup: int = 20
+
+    def train_config(self) -> TR.StageConfig:
+        return TR.StageConfig(self.steps, self.batch_size, self.lr, self.warmup, seed=self.seed)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything the build depends on (written into every MANIFEST.json)."""
+
+    lm: LMArch = field(default_factory=LMArch)
+    vision: VisionArch = field(default_factory=VisionArch)
+    init_seed: int = 0
+    base: Stage = Stage(n=96_000, steps=1500, lr=3e-3, seed=1, warmup=50)
+    reader_fraction: float = 0.4  # share of the base corpus that is English-answer QA about text
+    reading_fraction: float = 0.2  # of that QA: "how many apples does Ken have" (numbers) vs scenes
+    vision_pretrain: Stage = Stage(n=20_000, steps=500, lr=3e-3, seed=21, batch_size=128, warmup=50)
+    vlm: Stage = Stage(n=48_000, steps=1200, lr=1e-3, seed=2, layer_lr=(1.0, 1.0, 0.5, 0.25, 0.1, 0.05))
+    vlm_vision_lr: float = 0.0  # the pre-trained ViT stays frozen (LLaVA-1.5); projector and LM learn
+    ja: Stage = Stage(n=25_600, steps=300, lr=1e-3, seed=6, layer_lr=(0.1, 0.2, 0.4, 0.7, 1.0, 1.0))
+    ja_short_answers: bool = True
+    math: Stage = Stage(n=25_600, steps=500, lr=1e-3, seed=8, layer_lr=(1.0, 1.0, 0.8, 0.6, 0.4, 0.3))
+    threads: int = 2
+
+    def __post_init__(self):
+        layers = self.lm.num_hidden_layers
+        for name in ("vlm", "ja", "math"):
+            if len(getattr(self, name).layer_lr) != layers:
+                got = len(getattr(self, name).layer_lr)
+                raise VlmergeError(f"toy build: {name}.layer_lr has {got} values for {layers} LM layers")
+        if not 0 <= self.reader_fraction < 1 or not 0 <= self.reading_fraction <= 1:
+            raise VlmergeError("toy build: reader_fraction must be in [0, 1) and reading_fraction in [0, 1]")
+
+
+DEFAULT = BuildConfig()
+
+
+def reader_examples(n: int, seed: int, reading_fraction: float) -> list[T.Example]:
+    """Questions about a text, answered in English whatever the languages of text and question: the base's
+    one skill beyond language modelling. Scene questions answer like English VQA ("red", "2"); reading
+    questions like the math model ("The answer is 3.")."""
+    rng = random.Random(f"vlmerge-toy-reader:{seed}")
+    scenes, problems = S.make_scenes(n, seed), P.make_problems(n, seed)
+    out = []
+    for scene, problem in zip(scenes, problems):
+        context_lang, question_lang = rng.choice(S.LANGS), rng.choice(S.LANGS)
+        if rng.random() < reading_fraction:
+            question, _ = P.reading_question(problem, question_lang)
+            answer = P.ANSWER_ONLY["en"].format(n=problem.a)
+            out.append(T.Example("reading", "en", P.MATH_PROMPT.format(question=question), " " + answer))
+            continue
+        spec = rng.choice(S.question_specs(scene))
+        prompt = T.TEXT_QA_PROMPT.format(context=T.describe(scene, context_lang),
+                                         question=S.question(spec, question_lang))
+        out.append(T.Example("text_qa", "en", prompt, " " + S.answers(spec, scene, "en")[0]))
+    return out
+
+
+def japanese_examples(n: int, seed: int, short: bool) -> list[T.Example]:
+    """`texts.japanese_llm_sft`; with `short`, scene answers drop the polite ending ("赤" for "赤です。", an
+    accepted answer of every item): a blind guess in the right format then earns little ROUGE."""
+    examples = T.japanese_llm_sft(n, seed)
+    if not short:
+        return examples
+    return [replace(e, completion=e.completion.removesuffix("です。")) if e.task.startswith("text_qa") else e
+            for e in examples]
+
+
+def build_models(config: BuildConfig = DEFAULT, *, verbose: bool = True) -> dict:
+    """Train the four models in memory; returns {"tokenizer", "base", "vlm_en", "lm_ja", "lm_math_en",
+    "logs": {folder: [stage summaries]}, "seconds": {folder: wall time}}."""
+    torch.set_num_threads(config.threads)
+    tok = build_tokenizer()
+    out: dict = {"tokenizer": tok, "logs": {}, "seconds": {}}
+
+    def timed(folder: str, fn):
+        start = time.perf_counter()
+        out[folder], logs = fn()
+        out["logs"][folder] = [log.summary() for log in logs]
+        out["seconds"][folder] = round(time.perf_counter() - start, 1)
+
+    timed("base", lambda: _base(tok, config, verbose))
+    timed("vlm_en", lambda: _vlm(tok, out["base"], config, verbose))
+    timed("lm_ja", lambda: _finetune(tok, out["base"], "lm_ja", japanese_examples(
+        config.ja.n, config.ja.seed, config.ja_short_answers), config.ja, verbose))
+    timed("lm_math_en", lambda: _finetune(tok, out["base"], "lm_math_en", T.english_math_sft(
+        config.math.n, config.math.seed), config.math, verbose))
+    return out
+
+
+def _base(tok, config: BuildConfig, verbose: bool):
+    st = config.base
+    n_qa = int(st.n * config.reader_fraction)
+    docs = [TR.encode_document(tok, d) for d in T.base_corpus(st.n - n_qa, st.seed)]
+    qa = [TR.encode_example(tok, e) for e in reader_examples(n_qa, st.seed, config.reading_fraction)]
+    model = new_lm(config.lm, tok, config.init_seed)
+    layers = [1.0] * config.lm.num_hidden_layers
+    log = TR.train_lm("base", model, tok, docs + qa, st.train_config(), layers, train_embeddings=True,
+                      verbose=verbose)
+    return model, [log]
+
+
+def _vlm(tok, base, config: BuildConfig, verbose: bool):
+    va = config.vision
+    model = CompositeVLM.build(va.vision_config(), va.projector_config(), copy.deepcopy(base),
+                               tok.convert_tokens_to_ids(tok.image_token), seed=config.init_seed)
+    vp = config.vision_pretrain
+    scenes = S.make_scenes(vp.n, vp.seed, size=va.image_size)
+    logs = [TR.pretrain_vision("vision_pretrain", model, TR.scene_pixels(scenes), TR.cell_targets(scenes),
+                               vp.train_config(), verbose=verbose)]
+    st = config.vlm
+    examples = T.english_vqa_sft(st.n // 2, st.seed, size=va.image_size, per_scene=2)
+    scenes = list({e.scene.id: e.scene for e in examples}.values())
+    index = {s.id: i for i, s in enumerate(scenes)}
+    data = [TR.encode_example(tok, e, image_tokens=model.num_image_tokens, image=index[e.scene.id])
+            for e in examples]
+    pixels = TR.scene_pixels(scenes)
+    logs.append(TR.train_vlm("vlm_en", model, tok, data, pixels, st.train_config(), st.layer_lr,
+                             vision_lr=config.vlm_vision_lr, verbose=verbose))
+    return model, logs
+
+
+def _finetune(tok, base, name: str, examples: list[T.Example], st: Stage, verbose: bool):
+    model = copy.deepcopy(base)
+    data = [TR.encode_example(tok, e) for e in examples]
+    return model, [TR.train_lm(name, model, tok, data, st.train_config(), st.layer_lr, verbose=verbose)]
+
+
+def save_models(built: dict, out: str | Path, config: BuildConfig = DEFAULT, command: str = COMMAND) -> Path:
+    """Write the four folders (and a top MANIFEST.json) into `out`, swapped in whole: a failed or
+    interrupted build leaves the previous models untouched."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        tok = built["tokenizer"]
+        for name in ("base", "lm_ja", "lm_math_en"):
+            built[name].save_pretrained(tmp / name)
+            tok.save_pretrained(tmp / name)
+        vlm = built["vlm_en"]
+        vlm.save_pretrained(tmp / "vlm_en", processor=CompositeProcessor.from_config(tok, vlm.config))
+        common = {"command": command, "config": _plain(asdict(config)), "threads": config.threads,
+                  "torch": torch.__version__, "machine": platform.machine()}
+        for name in FOLDERS:
+            _write_manifest(tmp / name, {
+                "name": name, **ROLES[name], "parameters": count_parameters(built[name]),
+                "stages": built["logs"][name], "wall_seconds": built["seconds"][name], **common})
+        total = round(sum(built["seconds"].values()), 1)
+        _write_manifest(tmp, {"name": out.name, "folders": list(FOLDERS), "wall_seconds": total, **common},
+                        files_of=[tmp / name / "MANIFEST.json" for name in FOLDERS])
+        old = out.with_name(f".{out.name}.old")
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+ROLES = {
+    "base": {"role": "base LM: bilingual reader, answers questions about text in English",
+             "from": None, "data": "texts.base_corpus + build.reader_examples (English answers)"},
+    "vlm_en": {"role": "VLM: pre-trained OpenCLIP ViT + MLP projector + base LM, tuned on English VQA",
+               "from": "base", "data": "vision pre-training (cell shape/colour) + texts.english_vqa_sft"},
+    "lm_ja": {"role": "Japanese LM: answers Japanese questions about text in Japanese", "from": "base",
+              "data": "build.japanese_examples (texts.japanese_llm_sft)"},
+    "lm_math_en": {"role": "English math LM: worked answers to English word problems", "from": "base",
+                   "data": "texts.english_math_sft"},
+}
+
+
+def verify_models(folder: str | Path) -> None:
+    """Raise VlmergeError naming every file of the built folders that is missing or differs from its
+    MANIFEST.json."""
+    folder = Path(folder)
+    problems = []
+    for manifest in [folder / "MANIFEST.json", *(folder / name / "MANIFEST.json" for name in FOLDERS)]:
+        if not manifest.is_file():
+            problems.append(f"{manifest}: missing")
+            continue
+        for rel, digest in json.loads(manifest.read_text(encoding="utf-8"))["files"].items():
+            path = manifest.parent / rel
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+            elif _sha256(path) != digest:
+                problems.append(f"{path}: sha256 differs from {manifest}")
+    if problems:
+        raise VlmergeError("toy models do not match their manifests: " + "; ".join(problems))
+
+
+def _write_manifest(folder: Path, data: dict, files_of: list[Path] | None = None) -> None:
+    files = files_of if files_of is not None else sorted(p for p in folder.rglob("*") if p.is_file())
+    data["files"] = {p.relative_to(folder).as_posix(): _sha256(p) for p in files}
+    text = json.dumps(data, ensure_ascii=False, indent=1) + "\n"
+    (folder / "MANIFEST.json").write_text(text, encoding="utf-8")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m vlmerge.toy.build", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="eval_data/toy_models", help="folder to (re)write")
+    parser.add_argument("--threads", type=int, default=DEFAULT.threads,
+                        help="torch CPU threads (the committed models were built with 2)")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    config = replace(DEFAULT, threads=args.threads)
+    command = f"python -m vlmerge.toy.build --out {args.out}"
+    if args.threads != 2:
+        command += f" --threads {args.threads}"
+    built = build_models(config, verbose=not args.quiet)
+    print(f"wrote {save_models(built, args.out, config, command)} in {sum(built['seconds'].values()):.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -91,6 +91,7 @@ class MergeFitness:
     def __init__(self, context: MergeContext):
         self.context = context
 
+    @torch.no_grad()
     def __call__(self, x: np.ndarray) -> Evaluation:
         recipe = self.context.decode(x)
         result = self.context.score_recipe(recipe, "search")
@@ -103,8 +104,8 @@ class FitnessFactory:
 
     cfg: Mapping
 
+    @torch.no_grad()
     def __call__(self) -> MergeFitness:
-        torch.set_grad_enabled(False)
         return MergeFitness(MergeContext.build(self.cfg, verbose=False))
 
 

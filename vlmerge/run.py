@@ -54,10 +54,10 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return Path(cfg.get("run_dir") or "outputs/run")
 
 
+@torch.no_grad()
 def run(cfg: DictConfig) -> float:
     run_dir = run_dir_of(cfg)
     torch.manual_seed(cfg.seed)
-    torch.set_grad_enabled(False)
     plain = OmegaConf.to_container(cfg, resolve=True)
     kind = merge_kind(plain["merge"])
     if kind != "ps" and issubclass(get_class(plain["search"]["_target_"]), FixedSearch):

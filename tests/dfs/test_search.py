@@ -73,7 +73,6 @@ def test_donor_is_named_or_the_only_one(tiny):
 
 @pytest.fixture(scope="module")
 def stage(vqa_cfg):
-    torch.set_grad_enabled(False)
     cfg = composed("merge=dfs", *vqa_cfg)
     context = MergeContext.build(cfg, verbose=False)
     return cfg, PathStage.build(context, cfg["merge"])

@@ -129,6 +129,7 @@ class PathFitness:
     def __init__(self, stage: PathStage):
         self.stage = stage
 
+    @torch.no_grad()
     def __call__(self, x: np.ndarray) -> Evaluation:
         path = self.stage.decode(x)
         result = self.stage.score(path, "search")
@@ -142,8 +143,8 @@ class PathFitnessFactory:
     cfg: Mapping
     ps_recipe: Mapping | None = None  # Recipe.to_dict() of the PS stage's best (ps_dfs)
 
+    @torch.no_grad()
     def __call__(self) -> PathFitness:
-        torch.set_grad_enabled(False)
         recipe = None if self.ps_recipe is None else Recipe.from_dict(self.ps_recipe, where="PS stage recipe")
         context = MergeContext.build(self.cfg, verbose=False, with_merger=recipe is not None)
         return PathFitness(PathStage.build(context, self.cfg["merge"], recipe))

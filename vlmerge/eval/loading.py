@@ -18,7 +18,7 @@ import torch
 
 from vlmerge.errors import VlmergeError
 from vlmerge.models.source import ModelRef, as_ref
-from vlmerge.models.towers import detect_family
+from vlmerge.models.towers import TowerSpec, detect_family
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +144,11 @@ def load_model(
     folder = ref.resolve()
     spec = detect_family(folder)
     try:
-        model = _load_weights(folder, spec.family, ref, trust_remote_code)
+        model = _load_weights(folder, spec, ref, trust_remote_code)
     except (OSError, ValueError, KeyError) as error:
         raise VlmergeError(f"cannot load the {spec.family} model in {folder}: {error}") from None
     if attn_implementation is not None:
-        target = model.language_model if spec.family == "composite" else model
+        target = getattr(model, spec.subdir) if spec.subdir else model  # the module holding the LM
         target.set_attn_implementation(attn_implementation)
     model = model.to(ref.device).eval()
     return bundle_for(model, ref, family=spec.family, trust_remote_code=trust_remote_code)
@@ -190,14 +190,15 @@ def load_processor(folder: Path, family: str, *, trust_remote_code: bool = False
     return processor, tokenizer
 
 
-def _load_weights(folder: Path, family: str, ref: ModelRef, trust_remote_code: bool):
-    if family == "composite":
-        from vlmerge.models.composite import CompositeVLM
+def _load_weights(folder: Path, spec: TowerSpec, ref: ModelRef, trust_remote_code: bool):
+    """The family's model class (tower spec `model_class`: a transformers name or a dotted vlmerge path)."""
+    if "." in spec.model_class:
+        from hydra.utils import get_class
 
-        return CompositeVLM.from_pretrained(folder, dtype=ref.torch_dtype)
+        return get_class(spec.model_class).from_pretrained(folder, dtype=ref.torch_dtype)
     import transformers
 
-    cls = getattr(transformers, HF_VLM_CLASSES.get(family, "AutoModelForCausalLM"))
+    cls = getattr(transformers, spec.model_class)
     return cls.from_pretrained(folder, dtype=ref.torch_dtype, trust_remote_code=trust_remote_code)
 
 

@@ -101,17 +101,18 @@ def test_best_equals_reapplying_recipe_with_vlmerge_merge(vqa_run, tmp_path):
         assert torch.equal(best[key], again[key]), key
 
 
-def test_text_path_runs_through_the_same_code_and_writes_mergekit_yaml(tiny, tmp_path):
+@pytest.mark.parametrize("table_split", ["heldout", "search"])
+def test_text_path_runs_through_the_same_code_and_writes_mergekit_yaml(tiny, tmp_path, table_split):
     data = write_math(tmp_path / "math")
     run_dir = tmp_path / "run"
     vlmerge("experiment=toy_math_ja", f"pool.target.path={tiny.ja}", f"pool.donors.math.path={tiny.math}",
             f"pool.base.path={tiny.base}", f"task.data={data}", "task.max_new_tokens=3", "task.stop=[]",
-            "search.budget=4", "search.popsize=2", "merge.genome.groups=model",
+            "search.budget=4", "search.popsize=2", "merge.genome.groups=model", f"table_split={table_split}",
             f"hydra.run.dir={run_dir}")  # fmt: skip
     assert (run_dir / "recipe.mergekit.yaml").is_file()
     rows = json.loads((run_dir / "report.json").read_text())["rows"]
     assert [r["name"] for r in rows] == ["target", "math", "linear", "ties", "dare_ties", "evolved"]
-    assert all("acc_ja" in r for r in rows)
+    assert all("acc_ja" in r and r["split"] == table_split for r in rows)
 
 
 # ---- DFS: merge=dfs (VQA, a LLaVA target) and merge=ps_dfs (math), straight and killed + resumed ----

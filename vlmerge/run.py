@@ -85,7 +85,8 @@ def run(cfg: DictConfig) -> float:
         path, result = search_path(stage, plain, searcher, run_dir)
         stage.export(path, run_dir / "best")
         evolved.append(("evolved", kind, lambda split: stage.score(path, split, restore=True)))
-    rows = heldout_rows(context, baselines, plain, evolved) if cfg.heldout else []
+    split = cfg.get("table_split") or "heldout"
+    rows = heldout_rows(context, baselines, plain, evolved, split) if cfg.heldout else []
     write_report(run_dir, rows, recipe=recipe if kind == "ps" else None, depth=context.depth)
     return result.best_fitness
 
@@ -176,10 +177,12 @@ def _row(name: str, result: EvalResult, **extra) -> dict:
     return {"name": name, "split": result.split, **extra, **values}
 
 
-def heldout_rows(context: MergeContext, baselines: dict, cfg: dict, evolved: list[tuple]) -> list[dict]:
-    """The held-out table: each source, the untuned baselines, the tower swap (VLMs), then the searched merges
-    (`evolved`: (name, merge kind, split -> EvalResult), in order; the final one is named "evolved")."""
-    split, rows = "heldout", []
+def heldout_rows(context: MergeContext, baselines: dict, cfg: dict, evolved: list[tuple],
+                 split: str = "heldout") -> list[dict]:
+    """The final table on `split` (held-out unless `table_split` says otherwise): each source, the untuned
+    baselines, the tower swap (VLMs), then the searched merges (`evolved`: (name, merge kind, split ->
+    EvalResult), in order; the final one is named "evolved")."""
+    rows = []
     is_vlm = context.pool.target.spec.is_vlm
     rows.append(_row("target", context.score_source("target", split), kind="source"))
     for name, tower in context.pool.donors.items():

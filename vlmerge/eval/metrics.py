@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from vlmerge.errors import VlmergeError
-from vlmerge.eval.coco import MeteorScorer, coco_scores
 from vlmerge.eval.math_answer import extract_answer, numbers_equal, parse_gold
 from vlmerge.eval.rouge import rouge_ja
 from vlmerge.eval.text import LanguageGate
@@ -133,10 +132,14 @@ class CocoCaptions:
     primary = "CIDEr"
 
     def __init__(self, meteor: bool = True, java: str = "java"):
+        from vlmerge.eval.coco import MeteorScorer  # pycocoevalcap: needed by this metric only
+
         self.meteor = MeteorScorer(java=java) if meteor else None
 
     def __call__(self, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> MetricResult:
         refs = _checked("coco_captions", predictions, references)
+        from vlmerge.eval.coco import coco_scores
+
         values, per_item = coco_scores(predictions, refs, meteor=self.meteor)
         return MetricResult(values=values, per_item=per_item)
 

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 JAPANESE = re.compile("[\u3040-\u30ff\u4e00-\u9fff]")
 # The shipped toy models are trained on these ids: change the vocabulary only together with them.
 OPERATIONS = {"+": operator.add, "-": operator.sub, "×": operator.mul}
-VOCAB_SHA256 = "2d14209926894db4f89dc14672b5987065d60d83e1c083d5e6c3f63da5b02192"
+VOCAB_SHA256 = "a6a168541ebcbf4c4edd6c8c5fd4ad7413eb91fd1b1a2e555a1d0262fe05ab41"
 
 
 def _png(image: Image.Image) -> bytes:
@@ -96,15 +96,28 @@ def test_answers_match_the_rendered_pixels(size):
             arg = arg.replace("_", " ")
             if kind == "count_all":
                 assert item["answers"][0] == str(sum(blobs.values()))
-            elif kind == "count_colour":
-                assert item["answers"][0] == str(blobs[arg])
             elif kind == "colour_of":
                 (shape,) = [s for s in scene.shapes if _kind_from_pixels(image, s.box) == arg]
                 rgb = image.getpixel(((shape.box[0] + shape.box[2]) // 2, (shape.box[1] + shape.box[3]) // 2))
                 assert S.COLOURS[item["answers"][0]][0] == rgb
-            elif kind == "count_kind":
-                seen_kinds = [_kind_from_pixels(image, s.box) for s in scene.shapes]
-                assert item["answers"][0] == str(seen_kinds.count(arg))
+
+
+def test_no_question_kind_can_be_answered_without_the_picture():
+    """A blind model's best guess per question kind (its most common answer) is right on at most ~1/4 of
+    the items of that kind, so a VQA score well above that needs the image."""
+    from collections import Counter
+
+    by_kind: dict[str, Counter] = {}
+    for item in S.vqa_items(S.make_scenes(8000, seed=5), "ja", per_scene=1, seed=5):
+        kind = item["id"].split("-")[2]
+        by_kind.setdefault(kind, Counter())[(item["question"], item["answers"][0])] += 1
+    assert set(by_kind) == set(S.QUESTION_KINDS)
+    for kind, counts in by_kind.items():
+        per_question: dict[str, Counter] = {}
+        for (question, answer), n in counts.items():
+            per_question.setdefault(question, Counter())[answer] += n
+        hits = sum(c.most_common(1)[0][1] for c in per_question.values())
+        assert hits / sum(counts.values()) <= 0.3, kind
 
 
 def test_japanese_answers_are_japanese_and_score_well_under_mecab_rouge():

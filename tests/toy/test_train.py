@@ -179,3 +179,32 @@ def test_committed_models_load_and_share_the_base():
     for name in FOLDERS:
         size = sum(p.stat().st_size for p in (COMMITTED / name).rglob("*.safetensors"))
         assert size < 8_000_000, name
+
+
+def test_japanese_reading_answers_echo_the_number_read():
+    from vlmerge.toy.build import japanese_examples
+
+    examples = japanese_examples(300, 3, short=True, reading_style="echo")
+    reading = [e for e in examples if e.task == "reading"]
+    assert reading
+    for e in reading:
+        number = e.prompt.split("を")[1].split("個")[0].split("本")[0].split("冊")[0].split("枚")[0]
+        assert e.completion == f" {number}。答えは{number}です。", e
+    plain = japanese_examples(300, 3, short=True, reading_style="plain")
+    assert [e.completion for e in plain if e.task == "reading"] == [
+        " 答えは" + e.completion.strip().split("。")[0] + "です。" for e in reading]
+    with pytest.raises(VlmergeError, match="ja_reading_style"):
+        replace(MICRO, ja_reading_style="loud")
+
+
+def test_vlm_projector_stays_at_its_seeded_init_and_the_tower_learns(micro_world):
+    vlm = CompositeVLM.from_pretrained(micro_world / "vlm_en")
+    fresh = CompositeVLM.build(MICRO.vision.vision_config(), MICRO.vision.projector_config(),
+                               AutoModelForCausalLM.from_pretrained(micro_world / "base"),
+                               vlm.config.image_token_id, seed=MICRO.init_seed)
+    assert MICRO.vlm_projector_lr == 0.0
+    for key, value in fresh.projector.state_dict().items():
+        assert torch.equal(vlm.projector.state_dict()[key], value), key
+    base = _weights(micro_world / "base")
+    tower = _weights(micro_world / "vlm_en" / "language_model")
+    assert not torch.equal(tower["model.layers.0.mlp.down_proj.weight"], base["model.layers.0.mlp.down_proj.weight"])

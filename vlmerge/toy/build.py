@@ -12,8 +12,15 @@ From one bilingual base LM it makes the three sources of the toy experiments, sa
     lm_math_en/   the base LM tuned on English arithmetic word problems only
 
 Every folder holds safetensors weights, the shared tokenizer and a MANIFEST.json (sha256 of every file,
-this command, seeds, stage losses and wall time). Where each skill is put (which layers learn how fast)
-is in `DEFAULT`; eval_data/toy_models/README.md says why. Bytes repeat on the same machine and thread
+this command, seeds, stage losses and wall time). Where each skill is put is in `DEFAULT`:
+
+* the VLM's projector stays at its seeded initialisation and the ViT stays as pre-trained, so the LM tower
+  itself learns to read the image tokens (as LLaVA's tower does after visual instruction tuning): a text LM
+  put behind the VLM's vision encoder (the "tower swap") sees noise, not a picture;
+* the VLM tower learns fastest in its first layers (reading the picture), the Japanese LM only in its upper
+  layers (answering in Japanese), so a per-layer recipe can take each from where it lives;
+* Japanese reading answers echo the number first ("3。答えは3です。"), the shape of the math LM's worked
+  answers ("3 + 4 = 7. The answer is 7."). Bytes repeat on the same machine and thread
 count; other CPUs or thread counts may differ in the last bits of the weights (float summation order).
 """
 
@@ -78,9 +85,11 @@ class BuildConfig:
     vision_pretrain: Stage = Stage(n=20_000, steps=500, lr=3e-3, seed=21, batch_size=128, warmup=50)
     vlm: Stage = Stage(n=48_000, steps=1200, lr=1e-3, seed=2, layer_lr=(1.0, 1.0, 0.5, 0.25, 0.1, 0.05))
     vlm_vision_lr: float = 0.0  # the pre-trained ViT stays frozen (LLaVA-1.5); projector and LM learn
-    ja: Stage = Stage(n=25_600, steps=300, lr=1e-3, seed=6, layer_lr=(0.1, 0.2, 0.4, 0.7, 1.0, 1.0))
+    vlm_projector_lr: float = 0.0  # projector kept at its seeded init: the LM tower learns to read the image
+    ja: Stage = Stage(n=25_600, steps=500, lr=1e-3, seed=6, layer_lr=(0.0, 0.0, 0.2, 0.6, 1.0, 1.0))
     ja_short_answers: bool = True
-    math: Stage = Stage(n=25_600, steps=500, lr=1e-3, seed=8, layer_lr=(1.0, 1.0, 0.8, 0.6, 0.4, 0.3))
+    ja_reading_style: str = "echo"  # "plain": "答えは3です。"; "echo": "3。答えは3です。" (the number read, then the answer)
+    math: Stage = Stage(n=25_600, steps=800, lr=3e-3, seed=8, layer_lr=(1.0, 1.0, 1.0, 0.5, 0.25, 0.1))
     threads: int = 2
 
     def __post_init__(self):
@@ -89,10 +98,13 @@ class BuildConfig:
             if len(getattr(self, name).layer_lr) != layers:
                 got = len(getattr(self, name).layer_lr)
                 raise VlmergeError(f"toy build: {name}.layer_lr has {got} values for {layers} LM layers")
+        if self.ja_reading_style not in READING_STYLES:
+            raise VlmergeError(f"toy build: ja_reading_style {self.ja_reading_style!r}: use one of {READING_STYLES}")
         if not 0 <= self.reader_fraction < 1 or not 0 <= self.reading_fraction <= 1:
             raise VlmergeError("toy build: reader_fraction must be in [0, 1) and reading_fraction in [0, 1]")
 
 
+READING_STYLES = ("plain", "echo")
 DEFAULT = BuildConfig()
 
 
@@ -117,18 +129,23 @@ def reader_examples(n: int, seed: int, reading_fraction: float) -> list[T.Exampl
     return out
 
 
-def japanese_examples(n: int, seed: int, short: bool) -> list[T.Example]:
+def japanese_examples(n: int, seed: int, short: bool, reading_style: str = "plain") -> list[T.Example]:
     """`texts.japanese_llm_sft`; with `short`, scene answers drop the polite ending ("赤" for "赤です。", an
-    accepted answer of every item): a blind guess in the right format then earns little ROUGE."""
-    examples = T.japanese_llm_sft(n, seed)
-    if not short:
-        return examples
-    return [replace(e, completion=e.completion.removesuffix("です。")) if e.task.startswith("text_qa") else e
-            for e in examples]
+    accepted answer of every item): a blind guess in the right format then earns little ROUGE. With
+    `reading_style="echo"` a reading answer first writes the number it read ("3。答えは3です。")."""
+    out = []
+    for e in T.japanese_llm_sft(n, seed):
+        if short and e.task.startswith("text_qa"):
+            e = replace(e, completion=e.completion.removesuffix("です。"))
+        elif reading_style == "echo" and e.task == "reading":
+            number = e.completion.strip().removeprefix("答えは").removesuffix("です。")
+            e = replace(e, completion=f" {number}。答えは{number}です。")
+        out.append(e)
+    return out
 
 
-def build_models(config: BuildConfig = DEFAULT, *, verbose: bool = True) -> dict:
-    """Train the four models in memory; returns {"tokenizer", "base", "vlm_en", "lm_ja", "lm_math_en",
+def build_models(config: BuildConfig = DEFAULT, *, verbose: bool = True, device: str = "cpu") -> dict:
+    """Train the four models in memory (on `device`; the shipped ones on the CPU); returns {"tokenizer", "base", "vlm_en", "lm_ja", "lm_math_en",
     "logs": {folder: [stage summaries]}, "seconds": {folder: wall time}}."""
     torch.set_num_threads(config.threads)
     tok = build_tokenizer()
@@ -140,21 +157,21 @@ def build_models(config: BuildConfig = DEFAULT, *, verbose: bool = True) -> dict
         out["logs"][folder] = [log.summary() for log in logs]
         out["seconds"][folder] = round(time.perf_counter() - start, 1)
 
-    timed("base", lambda: _base(tok, config, verbose))
+    timed("base", lambda: _base(tok, config, verbose, device))
     timed("vlm_en", lambda: _vlm(tok, out["base"], config, verbose))
     timed("lm_ja", lambda: _finetune(tok, out["base"], "lm_ja", japanese_examples(
-        config.ja.n, config.ja.seed, config.ja_short_answers), config.ja, verbose))
+        config.ja.n, config.ja.seed, config.ja_short_answers, config.ja_reading_style), config.ja, verbose))
     timed("lm_math_en", lambda: _finetune(tok, out["base"], "lm_math_en", T.english_math_sft(
         config.math.n, config.math.seed), config.math, verbose))
     return out
 
 
-def _base(tok, config: BuildConfig, verbose: bool):
+def _base(tok, config: BuildConfig, verbose: bool, device: str):
     st = config.base
     n_qa = int(st.n * config.reader_fraction)
     docs = [TR.encode_document(tok, d) for d in T.base_corpus(st.n - n_qa, st.seed)]
     qa = [TR.encode_example(tok, e) for e in reader_examples(n_qa, st.seed, config.reading_fraction)]
-    model = new_lm(config.lm, tok, config.init_seed)
+    model = new_lm(config.lm, tok, config.init_seed).to(device)
     layers = [1.0] * config.lm.num_hidden_layers
     log = TR.train_lm("base", model, tok, docs + qa, st.train_config(), layers, train_embeddings=True,
                       verbose=verbose)
@@ -165,6 +182,7 @@ def _vlm(tok, base, config: BuildConfig, verbose: bool):
     va = config.vision
     model = CompositeVLM.build(va.vision_config(), va.projector_config(), copy.deepcopy(base),
                                tok.convert_tokens_to_ids(tok.image_token), seed=config.init_seed)
+    model.to(next(base.parameters()).device)
     vp = config.vision_pretrain
     scenes = S.make_scenes(vp.n, vp.seed, size=va.image_size)
     logs = [TR.pretrain_vision("vision_pretrain", model, TR.scene_pixels(scenes), TR.cell_targets(scenes),
@@ -177,7 +195,8 @@ def _vlm(tok, base, config: BuildConfig, verbose: bool):
             for e in examples]
     pixels = TR.scene_pixels(scenes)
     logs.append(TR.train_vlm("vlm_en", model, tok, data, pixels, st.train_config(), st.layer_lr,
-                             vision_lr=config.vlm_vision_lr, verbose=verbose))
+                             vision_lr=config.vlm_vision_lr, projector_lr=config.vlm_projector_lr,
+                             verbose=verbose))
     return model, logs
 
 

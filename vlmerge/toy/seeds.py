@@ -1,0 +1,109 @@
+"""Run the toy experiments over several seeds and print the held-out table as mean and spread (README's table).
+
+    python -m vlmerge.toy.seeds --out outputs/toy_seeds                      # PS, both toy experiments, seeds 0 1 2
+    python -m vlmerge.toy.seeds --merges ps dfs ps_dfs --jobs 6 --threads 2  # DFS and PS+DFS rows too
+
+Each (experiment, merge, seed) is one ordinary `python -m vlmerge` run in its own folder under --out (so a
+row can be inspected or resumed there); `--jobs` runs go side by side, each with `--threads` torch threads.
+A finished run (report.json present) is not run again. Extra Hydra overrides go after `--`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from vlmerge.errors import VlmergeError
+
+METRIC = {"toy_vqa_ja": ("rougeL_ja", 1.0), "toy_math_ja": ("acc_ja", 100.0)}
+DFS_OVERRIDES = ["merge.path.repeats=2", "merge.path.scaling=per_target", "merge.path.margin=0.25"]
+"""DFS settings of the toy rows: 24 slots and 12 scalings (the paper's full 12x12 W is 144 genes, too many
+for a 120-evaluation search)."""
+
+
+def run_dir(out: Path, experiment: str, merge: str, seed: int) -> Path:
+    return out / f"{experiment}-{merge}-seed{seed}"
+
+
+def command(experiment: str, merge: str, seed: int, folder: Path, extra: list[str]) -> list[str]:
+    args = [sys.executable, "-m", "vlmerge", f"experiment={experiment}", f"seed={seed}", f"hydra.run.dir={folder}"]
+    if merge != "ps":
+        args += [f"merge={merge}", *DFS_OVERRIDES]
+    return args + extra
+
+
+def run_one(job: tuple, threads: int) -> tuple[tuple, int]:
+    experiment, merge, seed, folder, extra = job
+    if (folder / "report.json").is_file():
+        return job, 0
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false"}
+    with open(folder / "stdout.log", "w") as log:
+        code = subprocess.run(command(experiment, merge, seed, folder, extra), stdout=log,
+                              stderr=subprocess.STDOUT, env=env).returncode
+    return job, code
+
+
+def table(out: Path, experiments: list[str], merges: list[str], seeds: list[int]) -> str:
+    """Rows (model name, merge) -> 'mean (min..max)' over the seeds whose report.json exists."""
+    lines = []
+    for experiment in experiments:
+        key, scale = METRIC[experiment]
+        lines.append(f"{experiment} (held-out {key}, seeds {' '.join(map(str, seeds))})")
+        values: dict[str, list[float]] = {}
+        for merge in merges:
+            for seed in seeds:
+                report = run_dir(out, experiment, merge, seed) / "report.json"
+                if not report.is_file():
+                    continue
+                for row in json.loads(report.read_text())["rows"]:
+                    if row.get("kind", "").startswith(("evolved", "stage")):
+                        name = f"{row['name']} ({merge})"
+                    elif merge == merges[0]:
+                        name = row["name"]  # sources and baselines: from the first merge's runs only
+                    else:
+                        continue
+                    values.setdefault(name, []).append(scale * row[key])
+        for name, vals in values.items():
+            spread = f"{min(vals):.1f}..{max(vals):.1f}" if len(vals) > 1 else "-"
+            lines.append(f"  {name:24s} {statistics.mean(vals):6.1f}  ({spread}, n={len(vals)})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(prog="python -m vlmerge.toy.seeds", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="outputs/toy_seeds")
+    parser.add_argument("--experiments", nargs="+", default=list(METRIC), choices=list(METRIC))
+    parser.add_argument("--merges", nargs="+", default=["ps"], choices=["ps", "dfs", "ps_dfs"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.jobs < 1 or args.threads < 1:
+        raise SystemExit("error: --jobs and --threads must be at least 1")
+    out = Path(args.out)
+    jobs = [(e, m, s, run_dir(out, e, m, s), extra) for e in args.experiments for m in args.merges
+            for s in args.seeds]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        failed = [job for job, code in pool.map(lambda j: run_one(j, args.threads), jobs) if code]
+    print(table(out, args.experiments, args.merges, args.seeds))
+    if failed:
+        names = ", ".join(str(job[3]) for job in failed)
+        raise SystemExit(f"error: {len(failed)} run(s) failed, see stdout.log in: {names}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except VlmergeError as err:
+        raise SystemExit(f"error: {err}") from None

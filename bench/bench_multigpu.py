@@ -47,8 +47,13 @@ def tokenizer():
 def build_models(root: Path, tiny: bool, device: str) -> None:
     """target (LLaVA-NeXT), base and donor (Mistral) with the same tokenizer; base/donor = target tower + noise."""
     from safetensors.torch import save_file
-    from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor,
-                              LlavaNextProcessor, MistralConfig)  # fmt: skip
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,  # fmt: skip
+        MistralConfig,
+    )
 
     vision, text = (VISION_TINY, TEXT_TINY) if tiny else (VISION_7B, TEXT_7B)
     size = vision["image_size"]

@@ -16,12 +16,14 @@ this command, seeds, stage losses and wall time). Where each skill is put is in 
 
 * the VLM's projector stays at its seeded initialisation and the ViT stays as pre-trained, so the LM tower
   itself learns to read the image tokens (as LLaVA's tower does after visual instruction tuning): a text LM
-  put behind the VLM's vision encoder (the "tower swap") sees noise, not a picture;
+  put behind the VLM's vision encoder (the "tower swap") cannot read the picture;
 * the VLM tower learns fastest in its first layers (reading the picture), the Japanese LM only in its upper
   layers (answering in Japanese), so a per-layer recipe can take each from where it lives;
 * Japanese reading answers echo the number first ("3。答えは3です。"), the shape of the math LM's worked
-  answers ("3 + 4 = 7. The answer is 7."). Bytes repeat on the same machine and thread
-count; other CPUs or thread counts may differ in the last bits of the weights (float summation order).
+  answers ("3 + 4 = 7. The answer is 7.").
+
+Bytes repeat on the same machine and thread count (two builds here gave identical files); other CPUs or
+thread counts may differ in the last bits of the weights (float summation order).
 """
 
 from __future__ import annotations
@@ -84,11 +86,11 @@ class BuildConfig:
     reading_fraction: float = 0.2  # of that QA: "how many apples does Ken have" (numbers) vs scenes
     vision_pretrain: Stage = Stage(n=20_000, steps=500, lr=3e-3, seed=21, batch_size=128, warmup=50)
     vlm: Stage = Stage(n=48_000, steps=1200, lr=1e-3, seed=2, layer_lr=(1.0, 1.0, 0.5, 0.25, 0.1, 0.05))
-    vlm_vision_lr: float = 0.0  # the pre-trained ViT stays frozen (LLaVA-1.5); projector and LM learn
+    vlm_vision_lr: float = 0.0  # the pre-trained ViT stays frozen (LLaVA-1.5)
     vlm_projector_lr: float = 0.0  # projector kept at its seeded init: the LM tower learns to read the image
     ja: Stage = Stage(n=25_600, steps=500, lr=1e-3, seed=6, layer_lr=(0.0, 0.0, 0.2, 0.6, 1.0, 1.0))
     ja_short_answers: bool = True
-    ja_reading_style: str = "echo"  # "plain": "答えは3です。"; "echo": "3。答えは3です。" (the number read, then the answer)
+    ja_reading_style: str = "echo"  # "plain": "答えは3です。"; "echo": "3。答えは3です。" (number read, answer)
     math: Stage = Stage(n=25_600, steps=800, lr=3e-3, seed=8, layer_lr=(1.0, 1.0, 1.0, 0.5, 0.25, 0.1))
     threads: int = 2
 
@@ -145,8 +147,8 @@ def japanese_examples(n: int, seed: int, short: bool, reading_style: str = "plai
 
 
 def build_models(config: BuildConfig = DEFAULT, *, verbose: bool = True, device: str = "cpu") -> dict:
-    """Train the four models in memory (on `device`; the shipped ones on the CPU); returns {"tokenizer", "base", "vlm_en", "lm_ja", "lm_math_en",
-    "logs": {folder: [stage summaries]}, "seconds": {folder: wall time}}."""
+    """Train the four models in memory on `device` (the shipped ones: the CPU); returns {"tokenizer", "base",
+    "vlm_en", "lm_ja", "lm_math_en", "logs": {folder: [stage summaries]}, "seconds": {folder: wall time}}."""
     torch.set_num_threads(config.threads)
     tok = build_tokenizer()
     out: dict = {"tokenizer": tok, "logs": {}, "seconds": {}}

@@ -245,11 +245,6 @@ def _pick_specs(scene: Scene, per_scene: int | None, seed: int) -> list[Question
     return picked
 
 
-def en_plural(noun: str) -> str:
-    head, _, last = noun.rpartition(" ")
-    return (head + " " if head else "") + SHAPES.get(last, (last + "s",))[0]
-
-
 def en_article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 

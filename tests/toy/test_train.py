@@ -169,7 +169,6 @@ def test_micro_world_relations(micro_world):
     _check_relations(micro_world)
 
 
-@pytest.mark.skipif(not (COMMITTED / "MANIFEST.json").is_file(), reason="no committed toy models")
 def test_committed_models_load_and_share_the_base():
     _check_relations(COMMITTED)
     manifest = json.loads((COMMITTED / "MANIFEST.json").read_text())

@@ -35,8 +35,6 @@ import json
 import os
 import platform
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -46,6 +44,7 @@ import torch
 from vlmerge.errors import VlmergeError
 from vlmerge.models.composite import CompositeVLM
 from vlmerge.models.composite_processor import CompositeProcessor
+from vlmerge.models.export import staged_dir
 from vlmerge.toy import problems as P
 from vlmerge.toy import scenes as S
 from vlmerge.toy import texts as T
@@ -212,10 +211,7 @@ def save_models(built: dict, out: str | Path, config: BuildConfig = DEFAULT, com
     """Write the four folders (and a top MANIFEST.json) into `out`, swapped in whole: a failed or
     interrupted build leaves the previous models untouched."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    with staged_dir(out, overwrite=True) as tmp:
         tok = built["tokenizer"]
         for name in ("base", "lm_ja", "lm_math_en"):
             built[name].save_pretrained(tmp / name)
@@ -231,15 +227,6 @@ def save_models(built: dict, out: str | Path, config: BuildConfig = DEFAULT, com
         total = round(sum(built["seconds"].values()), 1)
         _write_manifest(tmp, {"name": out.name, "folders": list(FOLDERS), "wall_seconds": total, **common},
                         files_of=[tmp / name / "MANIFEST.json" for name in FOLDERS])
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

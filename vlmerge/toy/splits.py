@@ -19,12 +19,11 @@ import argparse
 import hashlib
 import json
 import random
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vlmerge.errors import VlmergeError
+from vlmerge.models.export import staged_dir
 from vlmerge.toy import problems as P
 from vlmerge.toy import scenes as S
 
@@ -157,10 +156,7 @@ def verify_manifest(folder: str | Path) -> None:
 
 
 def _write_folder(target: Path, config: EvalSetConfig, fill, data_format: str, generator: dict) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    tmp.chmod(0o755)
-    try:
+    with staged_dir(target, overwrite=True) as tmp:
         fill(tmp)
         files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {
@@ -174,15 +170,6 @@ def _write_folder(target: Path, config: EvalSetConfig, fill, data_format: str, g
         }
         (tmp / "MANIFEST.json").write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n",
                                            encoding="utf-8")
-        old = target.with_name(f".{target.name}.old")
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

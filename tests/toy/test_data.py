@@ -204,7 +204,8 @@ def _rows(path: Path) -> list[dict]:
 
 
 def test_eval_sets_are_disjoint_complete_and_manifested(tmp_path):
-    config = EvalSetConfig(seed=2, search_size=12, heldout_size=20, canvas=24)
+    config = EvalSetConfig(seed=2, vqa_search_size=12, vqa_heldout_size=20, math_search_size=10,
+                           math_heldout_size=14, canvas=24)
     vqa_dir, math_dir = write_eval_sets(tmp_path, config)
     vqa = {s: _rows(vqa_dir / f"{s}.jsonl") for s in ("search", "heldout")}
     assert [len(vqa["search"]), len(vqa["heldout"])] == [12, 20]
@@ -220,14 +221,16 @@ def test_eval_sets_are_disjoint_complete_and_manifested(tmp_path):
     assert not {r["id"] for r in vqa["search"]} & {r["id"] for r in vqa["heldout"]}
     math = {s: _rows(math_dir / f"{s}.jsonl") for s in ("search", "heldout")}
     questions = [r["question"] for rows in math.values() for r in rows]
-    assert len(questions) == len(set(questions)) == 32 and all(JAPANESE.search(q) for q in questions)
+    assert [len(math["search"]), len(math["heldout"])] == [10, 14]
+    assert len(questions) == len(set(questions)) == 24 and all(JAPANESE.search(q) for q in questions)
     for row in (r for rows in math.values() for r in rows):
         assert set(row) == {"id", "question", "answer"} and row["answer"].isdigit()
-    for folder in (vqa_dir, math_dir):
+    for folder, sizes in ((vqa_dir, {"search": 12, "heldout": 20}), (math_dir, {"search": 10, "heldout": 14})):
         verify_manifest(folder)
         manifest = json.loads((folder / "MANIFEST.json").read_text(encoding="utf-8"))
-        assert manifest["splits"] == {"search": 12, "heldout": 20} and manifest["license"] == "CC0-1.0"
-        assert "--seed 2" in manifest["source"] and not list(tmp_path.glob(".*"))
+        assert manifest["splits"] == sizes and manifest["license"] == "CC0-1.0"
+        assert "--seed 2" in manifest["source"] and "--math-heldout-size 14" in manifest["source"]
+        assert not list(tmp_path.glob(".*"))
     (math_dir / "search.jsonl").write_text("{}\n", encoding="utf-8")
     with pytest.raises(VlmergeError, match="search.jsonl: sha256 differs"):
         verify_manifest(math_dir)
@@ -251,8 +254,8 @@ def test_bad_input_is_refused_with_the_culprit_named():
         S.vqa_items(S.make_scenes(1, 0), "fr")
     with pytest.raises(VlmergeError, match="8 px"):
         S.make_scenes(1, 0, size=8)
-    with pytest.raises(VlmergeError, match="heldout_size"):
-        EvalSetConfig(heldout_size=0)
+    with pytest.raises(VlmergeError, match="vqa_heldout_size"):
+        EvalSetConfig(vqa_heldout_size=0)
     scene = S.make_scenes(1, 0)[0]
     with pytest.raises(VlmergeError, match=scene.id):
         S.answers(S.QuestionSpec("what_at", "top left"), S.Scene(scene.id, 32, ()), "en")

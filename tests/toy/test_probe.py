@@ -1,0 +1,31 @@
+"""The toy probe on the committed models: each source's skill, per language, before any merge."""
+
+from pathlib import Path
+
+import pytest
+
+from vlmerge.errors import VlmergeError
+from vlmerge.toy.probe import main, probe_folders, table
+
+MODELS = Path(__file__).resolve().parents[2] / "eval_data" / "toy_models"
+
+
+def test_probe_measures_the_math_lms_english_skill(capsys):
+    results = probe_folders(MODELS, ["lm_math_en"], n=8)
+    assert [(r.folder, r.lang) for r in results] == [("lm_math_en", "en"), ("lm_math_en", "ja")]
+    english, japanese = results
+    assert english.acc >= 0.75 and english.set_up >= 0.75 and english.japanese == 0.0
+    assert all(0.0 <= getattr(r, key) <= 1.0 for r in results for key in ("acc", "set_up", "japanese"))
+    assert english.example.endswith(".") and "The answer is" in english.example
+    text = table(results)
+    assert text.splitlines()[0].split()[:5] == ["model", "lang", "acc", "set_up", "japanese"]
+    assert len(text.splitlines()) == 3
+
+
+def test_probe_refuses_missing_models_and_empty_runs(tmp_path):
+    with pytest.raises(VlmergeError, match="nowhere"):
+        probe_folders(tmp_path, ["nowhere"], n=4)
+    with pytest.raises(VlmergeError, match="--n 0"):
+        probe_folders(MODELS, ["lm_math_en"], n=0)
+    with pytest.raises(VlmergeError, match="lm_ja"):
+        main(["--models", str(tmp_path), "--folders", "lm_ja"])

@@ -1,0 +1,103 @@
+"""What each toy text LM can do on word problems, in each language: the check to run before any merge.
+
+    python -m vlmerge.toy.probe                              # the committed models, 128 problems per language
+    python -m vlmerge.toy.probe --models DIR --n 64 --folders base lm_math_en
+
+For every model folder and language it greedily answers `n` word problems from a seed the training data never
+use (the eval sets' held-out stream) and prints: `acc` (last number right, any language), `set_up` (the reply
+starts with the problem's sum, "7 + 1"), `japanese` (the reply counts as Japanese for acc_ja). A merge can
+only transfer what a source has: an English math LM with a high English `acc` but a Japanese `set_up` near 0
+has not learned to read Japanese problems, whatever the merge.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from vlmerge.errors import VlmergeError
+from vlmerge.eval.math_answer import extract_answer, numbers_equal
+from vlmerge.eval.text import is_japanese
+from vlmerge.toy import problems as P
+from vlmerge.toy.splits import EVAL_SEED_BASE
+
+PROBE_SEED = EVAL_SEED_BASE + 1  # the held-out stream of the default eval sets
+TEXT_FOLDERS = ("base", "lm_ja", "lm_math_en")
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    folder: str
+    lang: str
+    acc: float
+    set_up: float
+    japanese: float
+    example: str
+
+
+def probe_model(model, tokenizer, problems: list[P.Problem], lang: str, *, max_new_tokens: int = 40,
+                batch_size: int = 64) -> tuple[dict[str, float], list[str]]:
+    """Greedy first-line replies of a causal LM to `problems` asked in `lang`, and the three rates (0..1)."""
+    tokenizer.padding_side = "left"
+    replies: list[str] = []
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start:start + batch_size]
+        prompts = [P.MATH_PROMPT.format(question=P.question(p, lang)) for p in chunk]
+        batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        replies += [t.strip().split("\n")[0].strip() for t in texts]
+    n = len(problems)
+    rates = {
+        "acc": sum(numbers_equal(extract_answer(r), p.answer) for p, r in zip(problems, replies)) / n,
+        "set_up": sum(r.startswith(f"{p.a} {p.op} {p.b}") for p, r in zip(problems, replies)) / n,
+        "japanese": sum(is_japanese(r) for r in replies) / n,
+    }
+    return rates, replies
+
+
+def probe_folders(models: Path, folders: list[str], n: int) -> list[ProbeResult]:
+    missing = [f for f in folders if not (models / f / "config.json").is_file()]
+    if missing:
+        raise VlmergeError(f"toy probe: no model in {', '.join(str(models / f) for f in missing)} "
+                           f"(build them with python -m vlmerge.toy.build --out {models})")
+    if n < 1:
+        raise VlmergeError(f"toy probe: --n {n}: ask at least one problem")
+    problems = P.make_problems(n, PROBE_SEED)
+    out = []
+    for folder in folders:
+        tokenizer = AutoTokenizer.from_pretrained(models / folder)
+        model = AutoModelForCausalLM.from_pretrained(models / folder).eval()
+        for lang in ("en", "ja"):
+            rates, replies = probe_model(model, tokenizer, problems, lang)
+            out.append(ProbeResult(folder, lang, **rates, example=replies[0]))
+    return out
+
+
+def table(results: list[ProbeResult]) -> str:
+    lines = [f"{'model':<12} {'lang':<4} {'acc':>5} {'set_up':>6} {'japanese':>8}  first reply"]
+    for r in results:
+        lines.append(f"{r.folder:<12} {r.lang:<4} {100 * r.acc:5.1f} {100 * r.set_up:6.1f} "
+                     f"{100 * r.japanese:8.1f}  {r.example[:48]}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m vlmerge.toy.probe", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, default=Path("eval_data/toy_models"))
+    parser.add_argument("--folders", nargs="+", default=list(TEXT_FOLDERS))
+    parser.add_argument("--n", type=int, default=128, help="problems per language")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(table(probe_folders(args.models, args.folders, args.n)))
+
+
+if __name__ == "__main__":
+    main()

@@ -33,7 +33,10 @@ def start(run_dir: Path, resume: bool) -> subprocess.Popen:
         "0.04",
         "1" if resume else "0",
     ]
-    return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C reaches a search started from a terminal; a runner that launched the tests in the background may
+    # have left SIGINT ignored, which the child would inherit, so give the child the terminal's default
+    return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_mid_generation(run_dir: Path, proc: subprocess.Popen, min_generation: int = 1) -> None:

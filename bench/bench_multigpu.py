@@ -51,7 +51,7 @@ def build_models(root: Path, tiny: bool, device: str) -> None:
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
         LlavaNextImageProcessor,
-        LlavaNextProcessor,  # fmt: skip
+        LlavaNextProcessor,
         MistralConfig,
     )
 

@@ -1,5 +1,7 @@
 """The toy probe on the committed models: each source's skill, per language, before any merge."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,3 +31,10 @@ def test_probe_refuses_missing_models_and_empty_runs(tmp_path):
         probe_folders(MODELS, ["lm_math_en"], n=0)
     with pytest.raises(VlmergeError, match="lm_ja"):
         main(["--models", str(tmp_path), "--folders", "lm_ja"])
+
+
+def test_probe_command_ends_bad_input_with_one_error_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "vlmerge.toy.probe", "--models", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: toy probe: no model in")

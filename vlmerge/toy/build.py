@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from vlmerge.errors import VlmergeError
+from vlmerge.errors import VlmergeError, exit_on_user_error
 from vlmerge.models.composite import CompositeVLM
 from vlmerge.models.composite_processor import CompositeProcessor
 from vlmerge.models.export import staged_dir
@@ -297,4 +297,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from vlmerge.errors import VlmergeError
+from vlmerge.errors import VlmergeError, exit_on_user_error
+from vlmerge.eval.generate import GenerationSettings, cut_at_stop, generate
+from vlmerge.eval.loading import ModelBundle, load_model
 from vlmerge.eval.math_answer import extract_answer, numbers_equal
 from vlmerge.eval.text import is_japanese
 from vlmerge.toy import problems as P
@@ -39,20 +40,12 @@ class ProbeResult:
     example: str
 
 
-def probe_model(model, tokenizer, problems: list[P.Problem], lang: str, *, max_new_tokens: int = 40,
-                batch_size: int = 64) -> tuple[dict[str, float], list[str]]:
-    """Greedy first-line replies of a causal LM to `problems` asked in `lang`, and the three rates (0..1)."""
-    tokenizer.padding_side = "left"
-    replies: list[str] = []
-    for start in range(0, len(problems), batch_size):
-        chunk = problems[start:start + batch_size]
-        prompts = [P.MATH_PROMPT.format(question=P.question(p, lang)) for p in chunk]
-        batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-        with torch.no_grad():
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        replies += [t.strip().split("\n")[0].strip() for t in texts]
+def probe_model(bundle: ModelBundle, problems: list[P.Problem], lang: str, *,
+                max_new_tokens: int = 40) -> tuple[dict[str, float], list[str]]:
+    """Greedy first-line replies of a loaded text LM to `problems` asked in `lang`, and the three rates (0..1)."""
+    prompts = [P.MATH_PROMPT.format(question=P.question(p, lang)) for p in problems]
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, stop=("\n",), batch_size=64)
+    replies = [cut_at_stop(text, settings.stop).strip() for text in generate(bundle, prompts, settings=settings)]
     n = len(problems)
     rates = {
         "acc": sum(numbers_equal(extract_answer(r), p.answer) for p, r in zip(problems, replies)) / n,
@@ -72,10 +65,9 @@ def probe_folders(models: Path, folders: list[str], n: int) -> list[ProbeResult]
     problems = P.make_problems(n, PROBE_SEED)
     out = []
     for folder in folders:
-        tokenizer = AutoTokenizer.from_pretrained(models / folder)
-        model = AutoModelForCausalLM.from_pretrained(models / folder).eval()
+        bundle = load_model({"path": str(models / folder), "device": "cpu"})
         for lang in ("en", "ja"):
-            rates, replies = probe_model(model, tokenizer, problems, lang)
+            rates, replies = probe_model(bundle, problems, lang)
             out.append(ProbeResult(folder, lang, **rates, example=replies[0]))
     return out
 
@@ -100,4 +92,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -19,7 +19,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from vlmerge.errors import VlmergeError
+from vlmerge.errors import exit_on_user_error
 
 METRIC = {"toy_vqa_ja": ("rougeL_ja", 1.0), "toy_math_ja": ("acc_ja", 100.0)}
 DFS_OVERRIDES = ["merge.path.repeats=2", "merge.path.scaling=per_target", "merge.path.margin=0.25"]
@@ -103,7 +103,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except VlmergeError as err:
-        raise SystemExit(f"error: {err}") from None
+    exit_on_user_error(main)

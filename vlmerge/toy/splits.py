@@ -22,7 +22,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vlmerge.errors import VlmergeError
+from vlmerge.errors import VlmergeError, exit_on_user_error
 from vlmerge.models.export import staged_dir
 from vlmerge.toy import problems as P
 from vlmerge.toy import scenes as S
@@ -209,4 +209,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -13,14 +13,17 @@ MODELS = Path(__file__).resolve().parents[2] / "eval_data" / "toy_models"
 
 
 def test_probe_measures_the_math_lms_english_skill(capsys):
-    results = probe_folders(MODELS, ["lm_math_en"], n=8)
+    results = probe_folders(MODELS, ["lm_math_en"], n=16)
     assert [(r.folder, r.lang) for r in results] == [("lm_math_en", "en"), ("lm_math_en", "ja")]
     english, japanese = results
     assert english.acc >= 0.75 and english.set_up >= 0.75 and english.japanese == 0.0
-    assert all(0.0 <= getattr(r, key) <= 1.0 for r in results for key in ("acc", "set_up", "japanese"))
+    assert english.from_sum >= 0.75  # given "7 + 1 =" after an English problem, it writes 8
+    assert japanese.from_sum < english.from_sum - 0.5  # after a Japanese one it mostly cannot
+    keys = ("acc", "set_up", "japanese", "from_sum")
+    assert all(0.0 <= getattr(r, key) <= 1.0 for r in results for key in keys)
     assert english.example.endswith(".") and "The answer is" in english.example
     text = table(results)
-    assert text.splitlines()[0].split()[:5] == ["model", "lang", "acc", "set_up", "japanese"]
+    assert text.splitlines()[0].split()[:6] == ["model", "lang", "acc", "set_up", "japanese", "from_sum"]
     assert len(text.splitlines()) == 3
 
 

@@ -5,14 +5,18 @@
 
 For every model folder and language it greedily answers `n` word problems from a seed the training data never
 use (the eval sets' held-out stream) and prints: `acc` (last number right, any language), `set_up` (the reply
-starts with the problem's sum, "7 + 1"), `japanese` (the reply counts as Japanese for acc_ja). A merge can
-only transfer what a source has: an English math LM with a high English `acc` but a Japanese `set_up` near 0
-has not learned to read Japanese problems, whatever the merge.
+starts with the problem's sum, "7 + 1"), `japanese` (the reply counts as Japanese for acc_ja), `from_sum`
+(the reply forced to begin with the right sum, "7 + 1 =": the next number is its value). A merge can only
+transfer what a source has: an English math LM with a high English `acc` but a Japanese `set_up` near 0 has
+not learned to read Japanese problems, whatever the merge; and a low Japanese `from_sum` says it cannot even
+finish a sum that another model set up for it after a Japanese problem (its arithmetic is tied to English
+problem text, not to the written sum), so a merge has no shared step to join the two at.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,20 +41,25 @@ class ProbeResult:
     acc: float
     set_up: float
     japanese: float
+    from_sum: float
     example: str
 
 
 def probe_model(bundle: ModelBundle, problems: list[P.Problem], lang: str, *,
                 max_new_tokens: int = 40) -> tuple[dict[str, float], list[str]]:
-    """Greedy first-line replies of a loaded text LM to `problems` asked in `lang`, and the three rates (0..1)."""
+    """Greedy first-line replies of a loaded text LM to `problems` asked in `lang`, and the four rates (0..1)."""
     prompts = [P.MATH_PROMPT.format(question=P.question(p, lang)) for p in problems]
     settings = GenerationSettings(max_new_tokens=max_new_tokens, stop=("\n",), batch_size=64)
     replies = [cut_at_stop(text, settings.stop).strip() for text in generate(bundle, prompts, settings=settings)]
+    given = [f"{prompt} {p.a} {p.op} {p.b} =" for prompt, p in zip(prompts, problems)]
+    values = [re.match(r"\s*(\d+)", text) for text in generate(bundle, given, settings=GenerationSettings(
+        max_new_tokens=4, stop=("\n",), batch_size=64))]
     n = len(problems)
     rates = {
         "acc": sum(numbers_equal(extract_answer(r), p.answer) for p, r in zip(problems, replies)) / n,
         "set_up": sum(r.startswith(f"{p.a} {p.op} {p.b}") for p, r in zip(problems, replies)) / n,
         "japanese": sum(is_japanese(r) for r in replies) / n,
+        "from_sum": sum(bool(v) and int(v.group(1)) == p.answer for p, v in zip(problems, values)) / n,
     }
     return rates, replies
 
@@ -73,10 +82,10 @@ def probe_folders(models: Path, folders: list[str], n: int) -> list[ProbeResult]
 
 
 def table(results: list[ProbeResult]) -> str:
-    lines = [f"{'model':<12} {'lang':<4} {'acc':>5} {'set_up':>6} {'japanese':>8}  first reply"]
+    lines = [f"{'model':<12} {'lang':<4} {'acc':>5} {'set_up':>6} {'japanese':>8} {'from_sum':>8}  first reply"]
     for r in results:
         lines.append(f"{r.folder:<12} {r.lang:<4} {100 * r.acc:5.1f} {100 * r.set_up:6.1f} "
-                     f"{100 * r.japanese:8.1f}  {r.example[:48]}")
+                     f"{100 * r.japanese:8.1f} {100 * r.from_sum:8.1f}  {r.example[:48]}")
     return "\n".join(lines)
 
 

@@ -49,15 +49,16 @@ def probe_model(bundle: ModelBundle, problems: list[P.Problem], lang: str, *,
                 max_new_tokens: int = 40) -> tuple[dict[str, float], list[str]]:
     """Greedy first-line replies of a loaded text LM to `problems` asked in `lang`, and the four rates (0..1)."""
     prompts = [P.MATH_PROMPT.format(question=P.question(p, lang)) for p in problems]
+    sums = [f"{p.a} {p.op} {p.b}" for p in problems]
     settings = GenerationSettings(max_new_tokens=max_new_tokens, stop=("\n",), batch_size=64)
     replies = [cut_at_stop(text, settings.stop).strip() for text in generate(bundle, prompts, settings=settings)]
-    given = [f"{prompt} {p.a} {p.op} {p.b} =" for prompt, p in zip(prompts, problems)]
+    given = [f"{prompt} {written} =" for prompt, written in zip(prompts, sums)]
     values = [re.match(r"\s*(\d+)", text) for text in generate(bundle, given, settings=GenerationSettings(
         max_new_tokens=4, stop=("\n",), batch_size=64))]
     n = len(problems)
     rates = {
         "acc": sum(numbers_equal(extract_answer(r), p.answer) for p, r in zip(problems, replies)) / n,
-        "set_up": sum(r.startswith(f"{p.a} {p.op} {p.b}") for p, r in zip(problems, replies)) / n,
+        "set_up": sum(r.startswith(written) for written, r in zip(sums, replies)) / n,
         "japanese": sum(is_japanese(r) for r in replies) / n,
         "from_sum": sum(bool(v) and int(v.group(1)) == p.answer for p, v in zip(problems, values)) / n,
     }

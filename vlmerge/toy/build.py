@@ -18,7 +18,8 @@ this command, seeds, stage losses and wall time). Where each skill is put is in 
   itself learns to read the image tokens (as LLaVA's tower does after visual instruction tuning): a text LM
   put behind the VLM's vision encoder (the "tower swap") cannot read the picture;
 * the VLM tower learns fastest in its first layers (reading the picture), the Japanese LM only in its upper
-  layers (answering in Japanese), so a per-layer recipe can take each from where it lives;
+  layers (answering in Japanese), meant to let a per-layer recipe take each from where it lives (the
+  evolved merges answer in Japanese but read little of the picture: `python -m vlmerge.toy.vqa_probe`);
 * Japanese reading answers echo the number first ("3。答えは3です。"), the shape of the math LM's worked
   answers ("3 + 4 = 7. The answer is 7.").
 

@@ -102,7 +102,21 @@ def test_ja_variants_gate_non_japanese_predictions():
     # an English reference does not gate (the EvoVLM-JP rule): "OK" for "OK" still scores
     assert not third["gated"] and third["rougeL_ja"] == pytest.approx(1.0)
     assert result.values["rouge1_ja"] < result.values["rouge1"]
-    assert set(result.values) == {"rouge1", "rouge2", "rougeL", "rouge1_ja", "rouge2_ja", "rougeL_ja"}
+    assert set(result.values) == {"rouge1", "rouge2", "rougeL", "exact",
+                                  "rouge1_ja", "rouge2_ja", "rougeL_ja", "exact_ja"}
+    assert [item["exact"] for item in result.per_item] == [0.0, 1.0, 1.0]
+    assert result.values["exact"] == pytest.approx(200 / 3) and result.values["exact_ja"] == pytest.approx(200 / 3)
+
+
+def test_exact_match_gives_no_credit_for_the_right_form_of_a_wrong_answer():
+    predictions = ["1つ", "4つです。", " ４つ ", "赤い丸", "4 つ"]
+    references = [["4つです。", "4つ"]] * 3 + [["赤い四角"], ["4つ"]]
+    result = get_metric("rouge_ja")(predictions, references)
+    assert [item["exact"] for item in result.per_item] == [0.0, 1.0, 1.0, 0.0, 1.0]  # NFKC, spacing, "。"
+    assert result.per_item[0]["rougeL"] > 0  # ROUGE keeps the shared "つ"
+    assert result.values["exact"] == pytest.approx(60.0)
+    english = get_metric("rouge_ja")(["four"], [["4つ"]])
+    assert english.per_item[0]["exact_ja"] == 0.0
 
 
 def test_sakana_compatible_is_seeded():

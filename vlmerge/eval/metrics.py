@@ -47,7 +47,8 @@ def _checked(
 
 
 class RougeJa:
-    """ROUGE-1/2/L F x100 on MeCab tokens, plus `*_ja` (non-Japanese predictions scored as empty).
+    """ROUGE-1/2/L F x100 on MeCab tokens and `exact` (% of answers equal to a reference), plus `*_ja`
+    (non-Japanese predictions scored as empty).
 
     `sakana_compatible` aggregates by seeded bootstrap median as EvoVLM-JP reported (`rougeL_ja` is their
     figure); otherwise a plain mean. `fasttext_model`: a lid.176 file for the language gate instead of the

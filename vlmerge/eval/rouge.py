@@ -17,6 +17,8 @@ from rouge_score import rouge_scorer
 from vlmerge.eval.text import ja_tokens, normalize_ja
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+SCORE_TYPES = (*ROUGE_TYPES, "exact")
+"""Per-item scores: the ROUGE F-measures and `exact` (1 when the answer is one of the references, 0 if not)."""
 
 
 class MecabRougeTokenizer:
@@ -40,6 +42,17 @@ def rouge_item(prediction: str, references: Sequence[str]) -> dict[str, float]:
     """ROUGE-1/2/L F-measure (0..1) of one prediction, each the max over the item's references."""
     best = _scorer().score_multi(list(references), prediction)
     return {name: float(best[name].fmeasure) for name in ROUGE_TYPES}
+
+
+def exact_item(prediction: str, references: Sequence[str]) -> float:
+    """1.0 when the prediction equals one of the references up to normalisation (NFKC, spacing) and a final
+    "。" or "."; ROUGE gives partial credit for a wrong answer in the right form ("1つ" for "4つ"), this does not."""
+    key = _answer_key(prediction)
+    return float(any(key == _answer_key(r) for r in references))
+
+
+def _answer_key(text: str) -> str:
+    return normalize_ja(text).rstrip("。.").strip()
 
 
 def bootstrap_median(scores: Sequence[float], *, n_bootstrap: int = 1000, seed: int = 0) -> float:
@@ -72,7 +85,7 @@ def rouge_ja(
     n_bootstrap: int = 1000,
     seed: int = 0,
 ) -> RougeReport:
-    """Plain and Japanese-gated ROUGE over items.
+    """Plain and Japanese-gated ROUGE (and exact match) over items.
 
     The gate follows EvoVLM-JP: where an item's reference is Japanese and the prediction is not, the
     prediction is scored as "" (0). Aggregate: plain mean x100, or with `sakana_compatible` the bootstrap
@@ -80,10 +93,10 @@ def rouge_ja(
     """
     per_item = []
     for prediction, refs in zip(predictions, references):
-        plain = rouge_item(prediction, refs)
+        plain = {**rouge_item(prediction, refs), "exact": exact_item(prediction, refs)}
         prediction_ja = is_japanese(prediction)
         gated = not prediction_ja and any(is_japanese(r) for r in refs)
-        gated_scores = {name: 0.0 for name in ROUGE_TYPES} if gated else plain
+        gated_scores = {name: 0.0 for name in SCORE_TYPES} if gated else plain
         per_item.append(
             {
                 **plain,
@@ -92,7 +105,7 @@ def rouge_ja(
                 "gated": gated,
             }
         )
-    keys = [*ROUGE_TYPES, *(f"{name}_ja" for name in ROUGE_TYPES)]
+    keys = [*SCORE_TYPES, *(f"{name}_ja" for name in SCORE_TYPES)]
     values = {}
     for key in keys:
         scores = [item[key] for item in per_item]

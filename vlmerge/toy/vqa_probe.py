@@ -28,6 +28,7 @@ from vlmerge.errors import VlmergeError, exit_on_user_error
 from vlmerge.eval.data import Item, load_vqa_jsonl
 from vlmerge.eval.generate import GenerationSettings, cut_at_stop, generate
 from vlmerge.eval.loading import ModelBundle, load_model
+from vlmerge.eval.rouge import exact_item
 from vlmerge.eval.text import is_japanese
 from vlmerge.toy import scenes as S
 
@@ -82,8 +83,8 @@ def as_japanese(answer: str) -> str:
 
 
 def is_right(reply: str, item: VqaItem) -> bool:
-    accepted = {a.removesuffix("。") for a in item.item.answers}
-    return reply.strip().removesuffix("。") in accepted or as_japanese(reply) in accepted
+    """An exact match (as the `exact` score counts it), the reply read as Japanese if it is an English answer."""
+    return bool(exact_item(reply, item.item.answers) or exact_item(as_japanese(reply), item.item.answers))
 
 
 def probe_bundle(name: str, bundle: ModelBundle, items: list[VqaItem], lang: str) -> ProbeRow:

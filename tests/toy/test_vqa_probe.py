@@ -10,7 +10,18 @@ from vlmerge.errors import VlmergeError
 from vlmerge.eval.data import Item
 from vlmerge.toy import scenes as S
 from vlmerge.toy.splits import EvalSetConfig
-from vlmerge.toy.vqa_probe import VqaItem, as_japanese, blind_row, is_right, main, probe, read_items, table
+from vlmerge.toy.vqa_probe import (
+    VqaItem,
+    as_japanese,
+    begins_right,
+    blind_row,
+    first_token,
+    is_right,
+    main,
+    probe,
+    read_items,
+    table,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS, DATA = ROOT / "eval_data" / "toy_models", ROOT / "eval_data" / "toy_vqa_ja"
@@ -35,10 +46,23 @@ def test_is_right_accepts_either_language_and_the_polite_ending():
     assert not is_right("青い丸", item) and not is_right("red square", item) and not is_right("", item)
 
 
+def test_begins_right_compares_the_first_token_in_either_language():
+    assert first_token("赤い丸です。") == "赤" and first_token(" 12つ") == "1" and first_token("top left") == "top"
+    assert first_token("") == ""
+    item = _item("where_is", ["左上です。", "左上"])
+    assert begins_right("左上", item) and begins_right("左下", item) and begins_right("top left", item)
+    assert not begins_right("右上", item) and not begins_right("bottom right", item) and not begins_right("", item)
+    colour = _item("colour_of", ["赤です。", "赤"])
+    assert begins_right("赤い丸", colour) and not is_right("赤い丸", colour)
+
+
 def test_blind_row_is_the_share_of_each_kinds_most_common_answer():
     items = [_item("colour_of", [a]) for a in ("赤", "赤", "赤", "青")] + [_item("count_all", ["1つ"])]
+    items += [_item("where_is", [a]) for a in ("左上", "左下", "右上")]
     row = blind_row(items)
-    assert row.right == {"colour_of": 0.75, "count_all": 1.0, "all": 0.8} and row.japanese is None
+    assert row.right == {"colour_of": 0.75, "where_is": 1 / 3, "count_all": 1.0, "all": 5 / 8}
+    assert row.begins == {"colour_of": 0.75, "where_is": 2 / 3, "count_all": 1.0, "all": 6 / 8}
+    assert row.japanese is None
 
 
 def test_read_items_rebuilds_each_question_from_its_id():
@@ -59,8 +83,12 @@ def test_probe_on_the_committed_world_separates_sight_from_form():
     assert english.right["all"] >= blind.right["all"] + 0.25  # the VLM sees, in English
     assert english.japanese == 0.0 and rows["vlm_en"].japanese <= 0.1
     assert tower.japanese >= 0.9 and tower.right["all"] <= blind.right["all"] + 0.15  # Japanese, but blind
+    assert english.begins["all"] >= english.right["all"] and english.begins["all"] >= blind.begins["all"] + 0.2
     lines = table(list(rows.values())).splitlines()
-    assert lines[0].split()[:7] == ["model", *S.QUESTION_KINDS, "all"] and len(lines) == 5
+    assert lines[0].split() == ["model", *S.QUESTION_KINDS, "all", "japanese", "first", "reply"] and len(lines) == 5
+    begins = table(list(rows.values()), "begins").splitlines()
+    assert begins[0].split() == ["model", *S.QUESTION_KINDS, "all"]
+    assert begins[2].split()[-1] == f"{100 * english.begins['all']:.1f}"
 
 
 def test_probe_refuses_bad_input(tmp_path):

@@ -11,7 +11,9 @@ tower behind the VLM's vision encoder and projector) and each `--merged` folder,
 that are right (an English answer is read through the toy lexicon: "red circle" is right for "赤い丸"), per
 question kind and in all, and the share of answers in Japanese. The `blind` row is the best a model that never
 sees the picture can do: the share of each kind's most common answer (shapes, colours and cells are drawn
-independently, so the question does not help).
+independently, so the question does not help). A second table counts the answers that begin right: whose
+first token (a kana, kanji or digit) is the reference's, so "赤い丸" begins right for "赤です。" and "右上" does
+not for "左上です。" -- the first decision a merged tower makes from the picture, before the answer's form.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from vlmerge.eval.loading import ModelBundle, load_model
 from vlmerge.eval.rouge import exact_item
 from vlmerge.eval.text import is_japanese
 from vlmerge.toy import scenes as S
+from vlmerge.toy.tokenizer import PIECE_PATTERN
 
 DEFAULT_DATA = Path("eval_data/toy_vqa_ja")
 NUMBER_WORDS = {word: str(i) for i, word in enumerate(S.NUMBER_WORDS)}
@@ -47,6 +50,7 @@ class VqaItem:
 class ProbeRow:
     name: str
     right: dict[str, float]  # kind -> share right (0..1), plus "all"
+    begins: dict[str, float]  # kind -> share whose first token is the reference's
     japanese: float | None
     example: str
 
@@ -87,21 +91,41 @@ def is_right(reply: str, item: VqaItem) -> bool:
     return bool(exact_item(reply, item.item.answers) or exact_item(as_japanese(reply), item.item.answers))
 
 
+def first_token(text: str) -> str:
+    """The first toy-tokenizer piece of `text` (an English word, or one character)."""
+    pieces = re.findall(PIECE_PATTERN, text.strip())
+    return pieces[0] if pieces else ""
+
+
+def begins_right(reply: str, item: VqaItem) -> bool:
+    """The reply (read as Japanese if it is an English answer) begins with the reference's first token."""
+    first = first_token(item.item.answers[0])
+    return any(first_token(text) == first for text in (reply, as_japanese(reply)))
+
+
 def probe_bundle(name: str, bundle: ModelBundle, items: list[VqaItem], lang: str) -> ProbeRow:
     questions = [it.question_en if lang == "en" else it.item.question for it in items]
     prompts = [S.VQA_PROMPT.format(question=q) for q in questions]
     images = [it.item.image for it in items]
     settings = GenerationSettings(max_new_tokens=24, stop=("\n",), batch_size=64)
     replies = [cut_at_stop(text, settings.stop).strip() for text in generate(bundle, prompts, images, settings)]
-    return ProbeRow(name, by_kind(items, [is_right(r, it) for r, it in zip(replies, items)]),
-                    sum(is_japanese(r) for r in replies) / len(items), replies[0])
+    pairs = list(zip(replies, items))
+    japanese = sum(is_japanese(r) for r in replies) / len(items)
+    return ProbeRow(name, by_kind(items, [is_right(r, it) for r, it in pairs]),
+                    by_kind(items, [begins_right(r, it) for r, it in pairs]), japanese, replies[0])
 
 
 def blind_row(items: list[VqaItem]) -> ProbeRow:
-    """Each item counted right when its answer is the most common one of its kind."""
-    common = {kind: Counter(it.item.answers[0] for it in items if it.kind == kind).most_common(1)[0][0]
-              for kind in {it.kind for it in items}}
-    return ProbeRow("blind", by_kind(items, [it.item.answers[0] == common[it.kind] for it in items]), None, "")
+    """Each item counted right when its answer is the most common one of its kind (and begins right when
+    its first token is the most common first token of its kind)."""
+    def most_common(key) -> dict[str, str]:
+        return {kind: Counter(key(it) for it in items if it.kind == kind).most_common(1)[0][0]
+                for kind in {it.kind for it in items}}
+
+    answer = most_common(lambda it: it.item.answers[0])
+    first = most_common(lambda it: first_token(it.item.answers[0]))
+    return ProbeRow("blind", by_kind(items, [it.item.answers[0] == answer[it.kind] for it in items]),
+                    by_kind(items, [first_token(it.item.answers[0]) == first[it.kind] for it in items]), None, "")
 
 
 def by_kind(items: list[VqaItem], right: list[bool]) -> dict[str, float]:
@@ -128,14 +152,15 @@ def probe(models: Path, merged: list[Path], data: Path, split: str, n: int | Non
     return rows
 
 
-def table(rows: list[ProbeRow]) -> str:
+def table(rows: list[ProbeRow], field: str = "right") -> str:
+    """`field` "right": % right per kind, % Japanese and the first reply; "begins": % that begin right."""
     kinds = [k for k in (*S.QUESTION_KINDS, "all") if k in rows[0].right]
-    head = f"{'model':<30} " + " ".join(f"{k:>9}" for k in kinds) + f" {'japanese':>8}  first reply"
-    lines = [head]
+    head = f"{'model':<30} " + " ".join(f"{k:>9}" for k in kinds)
+    lines = [head + (f" {'japanese':>8}  first reply" if field == "right" else "")]
     for r in rows:
         ja = "" if r.japanese is None else f"{100 * r.japanese:.1f}"
-        lines.append(f"{r.name[-30:]:<30} " + " ".join(f"{100 * r.right[k]:9.1f}" for k in kinds)
-                     + f" {ja:>8}  {r.example[:24]}")
+        line = f"{r.name[-30:]:<30} " + " ".join(f"{100 * getattr(r, field)[k]:9.1f}" for k in kinds)
+        lines.append(line + (f" {ja:>8}  {r.example[:24]}" if field == "right" else ""))
     return "\n".join(lines)
 
 
@@ -150,7 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(table(probe(args.models, args.merged, args.data, args.split, args.n)))
+    rows = probe(args.models, args.merged, args.data, args.split, args.n)
+    print("% right (in either language)\n" + table(rows, "right"))
+    print("\n% beginning with the reference's first token\n" + table(rows, "begins"))
 
 
 if __name__ == "__main__":

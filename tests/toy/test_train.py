@@ -207,3 +207,22 @@ def test_vlm_projector_stays_at_its_seeded_init_and_the_tower_learns(micro_world
     base = _weights(micro_world / "base")
     tower = _weights(micro_world / "vlm_en" / "language_model")
     assert not torch.equal(tower["model.layers.0.mlp.down_proj.weight"], base["model.layers.0.mlp.down_proj.weight"])
+
+
+def test_base_reader_answers_in_japanese_after_the_cue():
+    from vlmerge.eval.text import is_japanese
+    from vlmerge.toy.build import JAPANESE_CUE, reader_examples
+
+    qa = [e for e in reader_examples(600, 5, reading_fraction=0.2, cue_fraction=0.3) if e.task == "text_qa"]
+    cued = [e for e in qa if e.prompt.endswith("\n" + JAPANESE_CUE)]
+    plain = [e for e in qa if e.prompt.endswith("\nA:")]
+    assert len(cued) + len(plain) == len(qa) and 0.2 < len(cued) / len(qa) < 0.4
+    assert all(is_japanese(e.completion) and not e.completion.endswith("です。") for e in cued)
+    assert not any(is_japanese(e.completion) for e in plain)
+    contexts = {is_japanese(e.prompt.split("\nQ:")[0]) for e in cued}
+    questions = {is_japanese(e.prompt.split("\nQ:")[1]) for e in cued}
+    assert contexts == questions == {True, False}  # the cue, not the text, picks the answer's language
+    none = reader_examples(200, 5, reading_fraction=0.2, cue_fraction=0.0)
+    assert not any(e.prompt.endswith(JAPANESE_CUE) for e in none)
+    with pytest.raises(VlmergeError, match="reader_cue_fraction"):
+        replace(MICRO, reader_cue_fraction=1.5)

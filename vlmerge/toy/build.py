@@ -5,7 +5,9 @@
 From one bilingual base LM it makes the three sources of the toy experiments, saved as ordinary folders:
 
     base/         the base LM (Mistral architecture): reads English and Japanese, answers questions about
-                  text in English only (an "English instruct" model; it has never seen a picture or a sum)
+                  text in English, or in Japanese where the prompt ends with the cue "答え:" instead of "A:"
+                  (an instruct model that follows an answer-language instruction; it has never seen a picture
+                  or a sum)
     vlm_en/       composite VLM: OpenCLIP ViT (pre-trained alone on what each grid cell shows, the toy's
                   CLIP) + MLP projector + the base LM, tuned on English VQA only
     lm_ja/        the base LM tuned on Japanese text tasks only (answers in Japanese, no pictures)
@@ -17,9 +19,13 @@ this command, seeds, stage losses and wall time). Where each skill is put is in 
 * the VLM's projector stays at its seeded initialisation and the ViT stays as pre-trained, so the LM tower
   itself learns to read the image tokens (as LLaVA's tower does after visual instruction tuning): a text LM
   put behind the VLM's vision encoder (the "tower swap") cannot read the picture;
+* the base already holds an answer apart from the language it writes it in (`reader_examples`: a share of
+  its questions about text end with "答え:" and are answered in Japanese), so the Japanese LM's fine-tune
+  moves the answer-language choice after "A:" rather than relearning how to answer, and adds to the VLM's
+  reading of the picture (without the cue, 80 world variants gave merges that answered in Japanese without
+  reading the picture: `python -m vlmerge.toy.vqa_probe` and docs/toy_world.md);
 * the VLM tower learns fastest in its first layers (reading the picture), the Japanese LM only in its upper
-  layers (answering in Japanese), meant to let a per-layer recipe take each from where it lives (the
-  evolved merges answer in Japanese but read little of the picture: `python -m vlmerge.toy.vqa_probe`);
+  layers (answering in Japanese), so a per-layer recipe can take each from where it lives;
 * Japanese reading answers echo the number first ("3。答えは3です。"), the shape of the math LM's worked
   answers ("3 + 4 = 7. The answer is 7.").
 
@@ -82,8 +88,9 @@ class BuildConfig:
     vision: VisionArch = field(default_factory=VisionArch)
     init_seed: int = 0
     base: Stage = Stage(n=96_000, steps=1500, lr=3e-3, seed=1, warmup=50)
-    reader_fraction: float = 0.4  # share of the base corpus that is English-answer QA about text
+    reader_fraction: float = 0.4  # share of the base corpus that is QA about text (`reader_examples`)
     reading_fraction: float = 0.2  # of that QA: "how many apples does Ken have" (numbers) vs scenes
+    reader_cue_fraction: float = 0.3  # of its scene QA: prompt ends with the cue "答え:", answer in Japanese
     vision_pretrain: Stage = Stage(n=20_000, steps=500, lr=3e-3, seed=21, batch_size=128, warmup=50)
     vlm: Stage = Stage(n=48_000, steps=1200, lr=1e-3, seed=2, layer_lr=(1.0, 1.0, 0.5, 0.25, 0.1, 0.05))
     vlm_vision_lr: float = 0.0  # the pre-trained ViT stays frozen (LLaVA-1.5)
@@ -104,16 +111,26 @@ class BuildConfig:
             raise VlmergeError(f"toy build: ja_reading_style {self.ja_reading_style!r}: use one of {READING_STYLES}")
         if not 0 <= self.reader_fraction < 1 or not 0 <= self.reading_fraction <= 1:
             raise VlmergeError("toy build: reader_fraction must be in [0, 1) and reading_fraction in [0, 1]")
+        if not 0 <= self.reader_cue_fraction <= 1:
+            raise VlmergeError("toy build: reader_cue_fraction must be in [0, 1]")
 
 
 READING_STYLES = ("plain", "echo")
 DEFAULT = BuildConfig()
 
 
-def reader_examples(n: int, seed: int, reading_fraction: float) -> list[T.Example]:
+JAPANESE_CUE = "答え:"
+"""Ends a text-QA prompt in place of "A:" where the base is to answer in Japanese (`reader_examples`)."""
+
+
+def reader_examples(n: int, seed: int, reading_fraction: float, cue_fraction: float = 0.0) -> list[T.Example]:
     """Questions about a text, answered in English whatever the languages of text and question: the base's
     one skill beyond language modelling. Scene questions answer like English VQA ("red", "2"); reading
-    questions like the math model ("The answer is 3.")."""
+    questions like the math model ("The answer is 3."). A share `cue_fraction` of the scene questions ends
+    with `JAPANESE_CUE` instead of "A:" and is answered in Japanese ("赤", "2つ"), from a text and a question
+    in either language: so the base holds an answer apart from the language it is written in, and a
+    fine-tune that answers in Japanese after "A:" only has to move that choice (what lets it add to the
+    VLM's reading of the picture)."""
     rng = random.Random(f"vlmerge-toy-reader:{seed}")
     scenes, problems = S.make_scenes(n, seed), P.make_problems(n, seed)
     out = []
@@ -127,7 +144,12 @@ def reader_examples(n: int, seed: int, reading_fraction: float) -> list[T.Exampl
         spec = rng.choice(S.question_specs(scene))
         prompt = T.TEXT_QA_PROMPT.format(context=T.describe(scene, context_lang),
                                          question=S.question(spec, question_lang))
-        out.append(T.Example("text_qa", "en", prompt, " " + S.answers(spec, scene, "en")[0]))
+        if rng.random() < cue_fraction:
+            prompt = prompt.removesuffix("A:") + JAPANESE_CUE
+            answer = S.answers(spec, scene, "ja")[0].removesuffix("です。")
+        else:
+            answer = S.answers(spec, scene, "en")[0]
+        out.append(T.Example("text_qa", "en", prompt, " " + answer))
     return out
 
 
@@ -172,7 +194,8 @@ def _base(tok, config: BuildConfig, verbose: bool, device: str):
     st = config.base
     n_qa = int(st.n * config.reader_fraction)
     docs = [TR.encode_document(tok, d) for d in T.base_corpus(st.n - n_qa, st.seed)]
-    qa = [TR.encode_example(tok, e) for e in reader_examples(n_qa, st.seed, config.reading_fraction)]
+    qa = [TR.encode_example(tok, e) for e in reader_examples(n_qa, st.seed, config.reading_fraction,
+                                                              config.reader_cue_fraction)]
     model = new_lm(config.lm, tok, config.init_seed).to(device)
     layers = [1.0] * config.lm.num_hidden_layers
     log = TR.train_lm("base", model, tok, docs + qa, st.train_config(), layers, train_embeddings=True,
@@ -232,8 +255,9 @@ def save_models(built: dict, out: str | Path, config: BuildConfig = DEFAULT, com
 
 
 ROLES = {
-    "base": {"role": "base LM: bilingual reader, answers questions about text in English",
-             "from": None, "data": "texts.base_corpus + build.reader_examples (English answers)"},
+    "base": {"role": "base LM: bilingual reader, answers questions about text in English (in Japanese after "
+                     "the cue 答え:)",
+             "from": None, "data": "texts.base_corpus + build.reader_examples"},
     "vlm_en": {"role": "VLM: pre-trained OpenCLIP ViT + MLP projector + base LM, tuned on English VQA",
                "from": "base", "data": "vision pre-training (cell shape/colour) + texts.english_vqa_sft"},
     "lm_ja": {"role": "Japanese LM: answers Japanese questions about text in Japanese", "from": "base",

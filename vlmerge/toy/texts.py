@@ -6,6 +6,8 @@ Design intent (the EvoVLM-JP / EvoLLM-JP setting in miniature, from one bilingua
   described in both languages side by side, phrase and sentence translations, and word problems in both
   languages *without answers*. It teaches both languages and ties "red" to "赤", "buys" to "買いました", so
   the fine-tunes below share one coordinate system; it teaches no question answering and no arithmetic.
+  (The base's question answering, in English after "A:" and in Japanese after the cue "答え:", is
+  `build.reader_examples`.)
 * `english_vqa_sft` (the VLM): "<image>\\nQ: <English question>\\nA: red" -- seeing, in English only.
 * `japanese_llm_sft` (the Japanese LLM, no images): questions about a scene *described in text*, asked and
   answered in Japanese with the same prompt shape as VQA (the description takes the place of `<image>`), also

@@ -124,8 +124,8 @@ JAPANESE_CUE = "答え:"
 
 
 def reader_examples(n: int, seed: int, reading_fraction: float, cue_fraction: float = 0.0) -> list[T.Example]:
-    """Questions about a text, answered in English whatever the languages of text and question: the base's
-    one skill beyond language modelling. Scene questions answer like English VQA ("red", "2"); reading
+    """Questions about a text, answered after "A:" in English whatever the languages of text and question:
+    the base's one skill beyond language modelling. Scene questions answer like English VQA ("red", "2"); reading
     questions like the math model ("The answer is 3."). A share `cue_fraction` of the scene questions ends
     with `JAPANESE_CUE` instead of "A:" and is answered in Japanese ("赤", "2つ"), from a text and a question
     in either language: so the base holds an answer apart from the language it is written in, and a

@@ -98,7 +98,7 @@ class BuildConfig:
     ja: Stage = Stage(n=25_600, steps=500, lr=1e-3, seed=6, layer_lr=(0.0, 0.0, 0.2, 0.6, 1.0, 1.0))
     ja_short_answers: bool = True
     ja_reading_style: str = "echo"  # "plain": "答えは3です。"; "echo": "3。答えは3です。" (number read, answer)
-    math: Stage = Stage(n=25_600, steps=800, lr=3e-3, seed=8, layer_lr=(1.0, 1.0, 1.0, 0.5, 0.25, 0.1))
+    math: Stage = Stage(n=25_600, steps=500, lr=3e-3, seed=8, layer_lr=(1.0, 1.0, 1.0, 0.5, 0.25, 0.1))
     threads: int = 2
 
     def __post_init__(self):

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from tests.fixtures.hf_models import make_finetune
 from tests.test_run import vlmerge, write_math, write_vqa
 from vlmerge.cli import config_dir
+from vlmerge.dfs.search import merge_kind
 
 
 def composed(*overrides: str) -> dict:
@@ -23,6 +24,12 @@ def test_default_experiment_is_the_toy_vqa_world():
     assert cfg["name"] == "toy_vqa_ja"
     assert cfg["pool"]["target"]["path"].endswith("eval_data/toy_models/vlm_en")
     assert cfg["task"]["fitness_key"] == "rougeL_ja"
+    assert merge_kind(cfg["merge"]) == "ps_dfs" and cfg["merge"]["op"] == "dare_ties"
+    assert {k: cfg["merge"]["path"][k] for k in ("repeats", "scaling", "margin")} == {
+        "repeats": 2, "scaling": "per_target", "margin": 0.25}
+    assert cfg["merge"]["ps"]["budget"] == cfg["search"]["budget"] == 120
+    ps_alone = composed("merge=ties_dare")["merge"]  # the PS search alone: no DFS keys left behind
+    assert merge_kind(ps_alone) == "ps" and "path" not in ps_alone and "ps" not in ps_alone
 
 
 @pytest.mark.parametrize("experiment", ["evovlm_jp", "evollm_jp"])

@@ -69,8 +69,8 @@ def vqa_run(tiny, tmp_path_factory):
     run_dir = root / "run"
     args = [f"pool.target.path={tiny.composite}", f"pool.donors.ja.path={tiny.ja}",
             f"pool.base.path={tiny.base}", f"task.data={data}", "task.max_new_tokens=3", "task.stop=[]",
-            "search.budget=6", "search.popsize=3", "merge.genome.groups=2",
-            f"hydra.run.dir={run_dir}"]  # fmt: skip
+            "merge=ties_dare", "search.budget=6", "search.popsize=3", "merge.genome.groups=2",
+            f"hydra.run.dir={run_dir}"]  # fmt: skip  (PS alone: the toy default adds a DFS stage)
     done = vlmerge(*args)
     return run_dir, done, args
 

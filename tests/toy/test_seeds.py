@@ -30,6 +30,6 @@ def test_table_gives_mean_and_spread_per_row_and_merge(tmp_path):
 def test_commands_are_plain_vlmerge_runs(tmp_path):
     ps = command("toy_vqa_ja", "ps", 2, tmp_path, ["search.budget=8"])
     assert ps[1:] == ["-m", "vlmerge", "experiment=toy_vqa_ja", "seed=2", f"hydra.run.dir={tmp_path}",
-                      "search.budget=8"]
+                      "merge=ties_dare", "search.budget=8"]  # PS alone, whatever the experiment's default
     dfs = command("toy_math_ja", "ps_dfs", 0, tmp_path, [])
     assert "merge=ps_dfs" in dfs and all(o in dfs for o in DFS_OVERRIDES)

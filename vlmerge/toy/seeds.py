@@ -1,7 +1,7 @@
 """Run the toy experiments over several seeds and print the held-out table as mean and spread (README's table).
 
     python -m vlmerge.toy.seeds --out outputs/toy_seeds                      # PS, both toy experiments, seeds 0 1 2
-    python -m vlmerge.toy.seeds --merges ps dfs ps_dfs --jobs 6 --threads 2  # DFS and PS+DFS rows too
+    python -m vlmerge.toy.seeds --merges ps ps_dfs dfs --jobs 6 --threads 2  # PS+DFS and DFS rows too
 
 Each (experiment, merge, seed) is one ordinary `python -m vlmerge` run in its own folder under --out (so a
 row can be inspected or resumed there); `--jobs` runs go side by side, each with `--threads` torch threads.
@@ -33,10 +33,16 @@ def run_dir(out: Path, experiment: str, merge: str, seed: int) -> Path:
     return out / f"{experiment}-{merge}-seed{seed}"
 
 
+MERGE_CONFIGS = {"ps": "ties_dare", "dfs": "dfs", "ps_dfs": "ps_dfs"}
+"""Row label -> conf/merge file; with DFS_OVERRIDES, ps_dfs is toy_vqa_ja's default (ps_dfs_compact); toy_math_ja's
+is ties_dare."""
+
+
 def command(experiment: str, merge: str, seed: int, folder: Path, extra: list[str]) -> list[str]:
-    args = [sys.executable, "-m", "vlmerge", f"experiment={experiment}", f"seed={seed}", f"hydra.run.dir={folder}"]
+    args = [sys.executable, "-m", "vlmerge", f"experiment={experiment}", f"seed={seed}", f"hydra.run.dir={folder}",
+            f"merge={MERGE_CONFIGS[merge]}"]
     if merge != "ps":
-        args += [f"merge={merge}", *DFS_OVERRIDES]
+        args += DFS_OVERRIDES
     return args + extra
 
 
@@ -91,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vlmerge.toy.seeds", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="outputs/toy_seeds")
     parser.add_argument("--experiments", nargs="+", default=list(METRICS), choices=list(METRICS))
-    parser.add_argument("--merges", nargs="+", default=["ps"], choices=["ps", "dfs", "ps_dfs"])
+    parser.add_argument("--merges", nargs="+", default=["ps"], choices=list(MERGE_CONFIGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)

@@ -1,6 +1,6 @@
 import json
 
-from vlmerge.toy.seeds import DFS_OVERRIDES, command, run_dir, table
+from vlmerge.toy.seeds import command, run_dir, table
 
 
 def write_report(folder, rows):
@@ -31,5 +31,5 @@ def test_commands_are_plain_vlmerge_runs(tmp_path):
     ps = command("toy_vqa_ja", "ps", 2, tmp_path, ["search.budget=8"])
     assert ps[1:] == ["-m", "vlmerge", "experiment=toy_vqa_ja", "seed=2", f"hydra.run.dir={tmp_path}",
                       "merge=ties_dare", "search.budget=8"]  # PS alone, whatever the experiment's default
-    dfs = command("toy_math_ja", "ps_dfs", 0, tmp_path, [])
-    assert "merge=ps_dfs" in dfs and all(o in dfs for o in DFS_OVERRIDES)
+    assert command("toy_math_ja", "ps_dfs", 0, tmp_path, [])[-1] == "merge=ps_dfs_compact"
+    assert command("toy_math_ja", "dfs", 0, tmp_path, [])[-1] == "merge=dfs_compact"

@@ -24,26 +24,21 @@ from vlmerge.errors import exit_on_user_error
 METRICS = {"toy_vqa_ja": (("rougeL_ja", 1.0), ("exact_ja", 1.0)), "toy_math_ja": (("acc_ja", 100.0),)}
 """Held-out values summarised per experiment, (report key, scale to points): ROUGE-L gives partial credit for
 the right form of a wrong answer, exact match does not."""
-DFS_OVERRIDES = ["merge.path.repeats=2", "merge.path.scaling=per_target", "merge.path.margin=0.25"]
-"""DFS settings of the toy rows: 24 slots and 12 scalings (the paper's full 12x12 W is 144 genes, too many
-for a 120-evaluation search)."""
 
 
 def run_dir(out: Path, experiment: str, merge: str, seed: int) -> Path:
     return out / f"{experiment}-{merge}-seed{seed}"
 
 
-MERGE_CONFIGS = {"ps": "ties_dare", "dfs": "dfs", "ps_dfs": "ps_dfs"}
-"""Row label -> conf/merge file; with DFS_OVERRIDES, ps_dfs is toy_vqa_ja's default (ps_dfs_compact); toy_math_ja's
-is ties_dare."""
+MERGE_CONFIGS = {"ps": "ties_dare", "dfs": "dfs_compact", "ps_dfs": "ps_dfs_compact"}
+"""Row label -> conf/merge file. The DFS genome is the compact one (24 slots, one scaling per slot): the
+paper's full 12x12 W is 144 genes, too many for a 120-evaluation search. toy_vqa_ja runs ps_dfs by default,
+toy_math_ja ps."""
 
 
 def command(experiment: str, merge: str, seed: int, folder: Path, extra: list[str]) -> list[str]:
-    args = [sys.executable, "-m", "vlmerge", f"experiment={experiment}", f"seed={seed}", f"hydra.run.dir={folder}",
-            f"merge={MERGE_CONFIGS[merge]}"]
-    if merge != "ps":
-        args += DFS_OVERRIDES
-    return args + extra
+    return [sys.executable, "-m", "vlmerge", f"experiment={experiment}", f"seed={seed}", f"hydra.run.dir={folder}",
+            f"merge={MERGE_CONFIGS[merge]}", *extra]
 
 
 def run_one(job: tuple, threads: int) -> tuple[tuple, int]:

@@ -12,11 +12,21 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vlmerge.errors import VlmergeError
+from vlmerge.eval.text import is_japanese
 from vlmerge.models.composite import CompositeVLM
 from vlmerge.toy import scenes as S
 from vlmerge.toy import texts as T
 from vlmerge.toy import train as TR
-from vlmerge.toy.build import FOLDERS, BuildConfig, Stage, build_models, save_models, verify_models
+from vlmerge.toy.build import (
+    FOLDERS,
+    JAPANESE_CUE,
+    BuildConfig,
+    Stage,
+    build_models,
+    reader_examples,
+    save_models,
+    verify_models,
+)
 from vlmerge.toy.model_configs import LMArch, VisionArch, new_lm
 from vlmerge.toy.tokenizer import build_tokenizer
 
@@ -210,9 +220,6 @@ def test_vlm_projector_stays_at_its_seeded_init_and_the_tower_learns(micro_world
 
 
 def test_base_reader_answers_in_japanese_after_the_cue():
-    from vlmerge.eval.text import is_japanese
-    from vlmerge.toy.build import JAPANESE_CUE, reader_examples
-
     qa = [e for e in reader_examples(600, 5, reading_fraction=0.2, cue_fraction=0.3) if e.task == "text_qa"]
     cued = [e for e in qa if e.prompt.endswith("\n" + JAPANESE_CUE)]
     plain = [e for e in qa if e.prompt.endswith("\nA:")]

@@ -8,12 +8,13 @@ once); the timed part is exactly what the search does per generation (`make_work
 multicast stays off (NCCL_NVLS_ENABLE=0 etc. as the machine sets them; nothing here uses NCCL collectives).
 
     python bench/bench_multigpu.py --workers 1,2 --popsize 8          # GPUs
-    python bench/bench_multigpu.py --tiny --workers 1,2 --popsize 4   # CPU smoke test of the same code
+    python bench/bench_multigpu.py --tiny --workers 1,2 --popsize 4   # smoke test of the same code (GPUs or CPU)
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -129,7 +130,8 @@ def fitness_config(root: Path, device: str, new_tokens: int, batch: int) -> dict
     return plain
 
 
-def time_generation(cfg: dict, workers: int, popsize: int) -> float:
+def time_generation(cfg: dict, workers: int, popsize: int, repeats: int) -> list[float]:
+    """Seconds per generation, `repeats` generations (generation r draws its candidates with seed r)."""
     from hydra.utils import instantiate
 
     from vlmerge.candidates import FitnessFactory
@@ -141,19 +143,28 @@ def time_generation(cfg: dict, workers: int, popsize: int) -> float:
     x0 = genome.x0(depth, ("target", "ja"))
     problem = Problem(x0=x0, factory=FitnessFactory(cfg))
     pool = make_workers(problem, workers)  # builds every worker's models (not timed, as in a search)
-    rng = np.random.default_rng(0)
-    xs = [np.clip(x0 + rng.normal(0, 1 / 6, x0.shape), 0, 1) for _ in range(popsize)]
+    seconds, failed = [], []
     try:
-        pool.map(xs[:workers], lambda i, o: None)  # warm-up: one candidate per worker
-        start = time.perf_counter()
-        failed = []
-        pool.map(xs, lambda i, o: failed.append(o.error) if o.error else None)
-        seconds = time.perf_counter() - start
+        pool.map([x0] * workers, lambda i, o: None)  # warm-up: one candidate per worker
+        for r in range(repeats):
+            rng = np.random.default_rng(r)
+            xs = [np.clip(x0 + rng.normal(0, 1 / 6, x0.shape), 0, 1) for _ in range(popsize)]
+            start = time.perf_counter()
+            pool.map(xs, lambda i, o: failed.append(o.error) if o.error else None)
+            seconds.append(time.perf_counter() - start)
     finally:
         pool.close()
+        del pool
+        free_gpu_memory()  # the one-worker fitness lives in this process: hand its GPU memory back to the actors
     if failed:
         raise RuntimeError(f"candidates failed: {failed[:2]}")
     return seconds
+
+
+def free_gpu_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -162,28 +173,35 @@ def main() -> None:
     parser.add_argument("--popsize", type=int, default=8)
     parser.add_argument("--items", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="timed generations per worker count (median shown)")
     parser.add_argument("--root", type=Path, default=Path("/tmp/vlmerge_bench_multigpu"))
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (a smoke test of the code)")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (a smoke test of the code; CPU if no GPU)")
     args = parser.parse_args()
-    device = "cpu" if args.tiny else "cuda"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.tiny:
+        raise SystemExit("7B shapes need GPUs (none visible); --tiny runs the same code on the CPU")
     counts = [int(n) for n in args.workers.split(",")]
-    if not args.tiny and max(counts) > torch.cuda.device_count():
+    if device == "cuda" and max(counts) > torch.cuda.device_count():
         raise SystemExit(f"--workers {args.workers} needs {max(counts)} GPUs; {torch.cuda.device_count()} visible")
     shutil.rmtree(args.root, ignore_errors=True)
     args.root.mkdir(parents=True)
     start = time.perf_counter()
     build_models(args.root, args.tiny, device)
+    free_gpu_memory()
     write_items(args.root / "items", args.items, (VISION_TINY if args.tiny else VISION_7B)["image_size"])
     print(f"models written in {time.perf_counter() - start:.0f} s", flush=True)
     cfg = fitness_config(args.root, device, args.new_tokens, args.items)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    times = {n: time_generation(cfg, n, args.popsize) for n in counts}
-    name = "CPU (tiny shapes)" if args.tiny else torch.cuda.get_device_name()
+    times = {n: time_generation(cfg, n, args.popsize, args.repeats) for n in counts}
+    median = {n: float(np.median(seconds)) for n, seconds in times.items()}
+    name = (torch.cuda.get_device_name() if device == "cuda" else "CPU") + (" (tiny shapes)" if args.tiny else "")
     print(f"\none search generation, popsize {args.popsize}, {args.items} VQA items, {args.new_tokens} new tokens, "
-          f"{name}")  # fmt: skip
-    print(f"{'workers':>7} {'seconds':>8} {'speed-up':>9} {'target':>7}")
+          f"{name}; median of {args.repeats}")  # fmt: skip
+    print(f"{'workers':>7} {'seconds':>8} {'range':>13} {'speed-up':>9} {'target':>7}")
     for n, seconds in times.items():
-        print(f"{n:>7} {seconds:8.1f} {times[counts[0]] / seconds * counts[0]:9.2f} {0.8 * n:7.1f}")
+        spread = f"{min(seconds):.1f}..{max(seconds):.1f}"
+        speed_up = median[counts[0]] * counts[0] / median[n]
+        print(f"{n:>7} {median[n]:8.1f} {spread:>13} {speed_up:9.2f} {0.8 * n:7.1f}")
 
 
 if __name__ == "__main__":

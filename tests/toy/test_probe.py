@@ -41,3 +41,12 @@ def test_probe_command_ends_bad_input_with_one_error_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: toy probe: no model in")
+
+
+def test_probe_seed_picks_another_problem_stream(capsys):
+    main(["--folders", "lm_math_en", "--n", "4"])
+    default = capsys.readouterr().out.splitlines()
+    main(["--folders", "lm_math_en", "--n", "4", "--seed", "90003"])
+    validation = capsys.readouterr().out.splitlines()
+    assert len(default) == len(validation) == 3
+    assert default[1].split()[-6:] != validation[1].split()[-6:]  # the first reply: another problem

@@ -1,7 +1,7 @@
 """What each toy text LM can do on word problems, in each language: the check to run before any merge.
 
     python -m vlmerge.toy.probe                              # the committed models, 128 problems per language
-    python -m vlmerge.toy.probe --models DIR --n 64 --folders base lm_math_en
+    python -m vlmerge.toy.probe --models DIR --n 64 --folders base lm_math_en --seed 90003   # world development
 
 For every model folder and language it greedily answers `n` word problems from a seed the training data never
 use (the eval sets' held-out stream) and prints: `acc` (last number right, any language), `set_up` (the reply
@@ -65,14 +65,14 @@ def probe_model(bundle: ModelBundle, problems: list[P.Problem], lang: str, *,
     return rates, replies
 
 
-def probe_folders(models: Path, folders: list[str], n: int) -> list[ProbeResult]:
+def probe_folders(models: Path, folders: list[str], n: int, seed: int = PROBE_SEED) -> list[ProbeResult]:
     missing = [f for f in folders if not (models / f / "config.json").is_file()]
     if missing:
         raise VlmergeError(f"toy probe: no model in {', '.join(str(models / f) for f in missing)} "
                            f"(build them with python -m vlmerge.toy.build --out {models})")
     if n < 1:
         raise VlmergeError(f"toy probe: --n {n}: ask at least one problem")
-    problems = P.make_problems(n, PROBE_SEED)
+    problems = P.make_problems(n, seed)
     out = []
     for folder in folders:
         bundle = load_model({"path": str(models / folder), "device": "cpu"})
@@ -95,10 +95,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", type=Path, default=Path("eval_data/toy_models"))
     parser.add_argument("--folders", nargs="+", default=list(TEXT_FOLDERS))
     parser.add_argument("--n", type=int, default=128, help="problems per language")
+    parser.add_argument("--seed", type=int, default=PROBE_SEED,
+                        help=f"problem stream (default {PROBE_SEED}: the committed held-out split's); to compare "
+                             "world variants use a validation stream, e.g. 90003 (`toy.splits --seed 1` held-out)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(table(probe_folders(args.models, args.folders, args.n)))
+    print(table(probe_folders(args.models, args.folders, args.n, args.seed)))
 
 
 if __name__ == "__main__":

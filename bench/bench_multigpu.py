@@ -3,9 +3,10 @@ generation of P candidates with `search.workers` = 1, 2, 4 ... and the speed-up 
 
 Models: 7B-shaped random checkpoints in bf16 written to --root (a LLaVA-1.6-Mistral-7B-shaped LLaVA-NeXT target,
 Mistral-7B-shaped donor and base sharing its tower shapes); fitness: the toy VQA task config on 64 synthetic
-items. Each worker is a Ray actor with its own models on one GPU (built before timing, as a search builds them
-once); the timed part is exactly what the search does per generation (`make_workers(...).map`). NVLink
-multicast stays off (NCCL_NVLS_ENABLE=0 etc. as the machine sets them; nothing here uses NCCL collectives).
+items. `workers=1` is the search's in-process evaluator; with more, each worker is a Ray actor with its own models
+on one GPU. Models are built before timing (as a search builds them once); the timed part is exactly what the
+search does per generation (`make_workers(...).map`). NVLink multicast stays off (NCCL_NVLS_ENABLE=0 etc. as the
+machine sets them; nothing here uses NCCL collectives).
 
     python bench/bench_multigpu.py --workers 1,2 --popsize 8          # GPUs
     python bench/bench_multigpu.py --tiny --workers 1,2 --popsize 4   # smoke test of the same code (GPUs or CPU)
@@ -180,7 +181,12 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.tiny:
         raise SystemExit("7B shapes need GPUs (none visible); --tiny runs the same code on the CPU")
-    counts = [int(n) for n in args.workers.split(",")]
+    try:
+        counts = [int(n) for n in args.workers.split(",")]
+    except ValueError:
+        raise SystemExit(f"--workers {args.workers!r}: give worker counts such as 1,2,4") from None
+    if min(counts) < 1 or args.popsize < 1 or args.repeats < 1 or args.items < 1:
+        raise SystemExit("--workers, --popsize, --repeats and --items must be at least 1")
     if device == "cuda" and max(counts) > torch.cuda.device_count():
         raise SystemExit(f"--workers {args.workers} needs {max(counts)} GPUs; {torch.cuda.device_count()} visible")
     marker = args.root / ".vlmerge_bench_multigpu"  # only a folder this script made is ever deleted

@@ -34,3 +34,11 @@ def test_refuses_to_delete_a_folder_it_did_not_make(tmp_path):
     done = run_bench("--tiny", "--workers", "1", "--root", str(tmp_path))
     assert done.returncode != 0 and "was not made by this script" in done.stderr
     assert keep.read_text() == "data"
+
+
+@pytest.mark.parametrize("args, message", [(["--workers", "1,x"], "--workers '1,x'"),
+                                           (["--repeats", "0"], "at least 1")])
+def test_bad_arguments_exit_with_one_message(tmp_path, args, message):
+    done = run_bench("--tiny", "--root", str(tmp_path / "new"), *args)
+    assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "new").exists()

@@ -3,13 +3,13 @@
     python -m vlmerge.toy.probe                              # the committed models, 128 problems per language
     python -m vlmerge.toy.probe --models DIR --n 64 --folders base lm_math_en --seed 90003   # world development
 
-For every model folder and language it greedily answers `n` word problems from a seed the training data never
-use (the eval sets' held-out stream) and prints: `acc` (last number right, any language), `set_up` (the reply
-starts with the problem's sum, "7 + 1"), `japanese` (the reply counts as Japanese for acc_ja), `from_sum`
-(the reply forced to begin with the right sum, "7 + 1 =": the next number is its value). A merge can only
-transfer what a source has: an English math LM with a high English `acc` but a Japanese `set_up` near 0 has
-not learned to read Japanese problems, whatever the merge; and a low Japanese `from_sum` says it cannot even
-finish a sum that another model set up for it after a Japanese problem (its arithmetic is tied to English
+For every model folder and language it greedily answers `n` word problems from a seed the training data never use
+(by default the eval sets' held-out stream; `--seed` picks another) and prints: `acc` (last number right, any
+language), `set_up` (the reply starts with the problem's sum, "7 + 1"), `japanese` (the reply counts as Japanese
+for acc_ja), `from_sum` (the reply forced to begin with the right sum, "7 + 1 =": the next number is its value). A
+merge can only transfer what a source has: an English math LM with a high English `acc` but a Japanese `set_up`
+near 0 has not learned to read Japanese problems, whatever the merge; and a low Japanese `from_sum` says it cannot
+even finish a sum that another model set up for it after a Japanese problem (its arithmetic is tied to English
 problem text, not to the written sum), so a merge has no shared step to join the two at.
 """
 

@@ -190,7 +190,7 @@ def main() -> None:
     if device == "cuda" and max(counts) > torch.cuda.device_count():
         raise SystemExit(f"--workers {args.workers} needs {max(counts)} GPUs; {torch.cuda.device_count()} visible")
     marker = args.root / ".vlmerge_bench_multigpu"  # only a folder this script made is ever deleted
-    if args.root.exists() and any(args.root.iterdir()) and not marker.is_file():
+    if args.root.exists() and (not args.root.is_dir() or any(args.root.iterdir()) and not marker.is_file()):
         raise SystemExit(f"--root {args.root} exists and was not made by this script: name a new folder")
     shutil.rmtree(args.root, ignore_errors=True)
     args.root.mkdir(parents=True)

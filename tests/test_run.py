@@ -283,6 +283,25 @@ def test_ps_dfs_killed_in_the_dfs_stage_resumes_it_without_redoing_ps(ps_dfs_mat
     same_run(run_dir, straight)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["search.budget=0"], "search.budget = 0: must be >= 1"),  # raised inside Hydra's instantiate
+        (["merge=ps_dfs", "merge.path.repeats=99"], "repeats"),  # the DFS stage's genome, before PS runs
+        (["merge=ps_dfs", "merge.donor=nope"], "nope"),
+    ],
+)
+def test_bad_search_settings_end_in_one_line_before_any_search(tiny, tmp_path, overrides, message):
+    data = write_math(tmp_path / "math")
+    run_dir = tmp_path / "run"
+    args = ["experiment=toy_math_ja", f"pool.target.path={tiny.ja}", f"pool.donors.math.path={tiny.math}",
+            f"pool.base.path={tiny.base}", f"task.data={data}", *overrides, f"hydra.run.dir={run_dir}"]
+    done = subprocess.run([sys.executable, "-m", "vlmerge", *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.count("error:") == 1 and message in done.stderr and "Traceback" not in done.stderr
+    assert not list(run_dir.rglob("trials.jsonl"))
+
+
 def test_multirun_sweep_gives_each_job_its_own_run_dir(tiny, tmp_path):
     data = write_math(tmp_path / "math")
     sweep = tmp_path / "sweep"

@@ -16,10 +16,11 @@ from vlmerge.errors import VlmergeError
 
 
 def config_dir() -> str:
-    """`conf/` beside the package (source checkout, editable install) or shipped inside it (wheel)."""
-    for candidate in (Path(__file__).resolve().parent.parent / "conf", Path(__file__).resolve().parent / "conf"):
-        if candidate.is_dir():
-            return str(candidate)
+    """`conf/` beside the package: vlmerge runs from a checkout (`pip install -e .`), whose conf/ and
+    eval_data/ (the toy world, `${repo:...}` in the configs) a wheel would not carry."""
+    candidate = Path(__file__).resolve().parent.parent / "conf"
+    if candidate.is_dir():
+        return str(candidate)
     raise VlmergeError("cannot find vlmerge's conf/ folder (install with `pip install -e .` from a checkout)")
 
 
@@ -28,14 +29,26 @@ def _user_errors(fn):
     def wrapper(cfg: DictConfig):
         try:
             return fn(cfg)
-        except VlmergeError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(err.exit_code)
+        except Exception as err:
+            user_error = _user_error_in(err)
+            if user_error is None:
+                raise
+            print(f"error: {user_error}", file=sys.stderr)
+            sys.exit(user_error.exit_code)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
 
     return wrapper
+
+
+def _user_error_in(err: BaseException) -> VlmergeError | None:
+    """The VlmergeError `err` is or was raised from (Hydra's instantiate wraps a constructor's refusal)."""
+    while err is not None:
+        if isinstance(err, VlmergeError):
+            return err
+        err = err.__cause__
+    return None
 
 
 @hydra.main(config_path=config_dir(), config_name="merge_cli", version_base="1.3")

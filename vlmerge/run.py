@@ -32,7 +32,7 @@ from vlmerge.candidates import (
     evaluate_text_only,
 )
 from vlmerge.dfs.path import LayerPath
-from vlmerge.dfs.search import PathFitnessFactory, PathStage, merge_kind
+from vlmerge.dfs.search import PathFitnessFactory, PathStage, check_path_stage, merge_kind
 from vlmerge.errors import VlmergeError
 from vlmerge.eval.evaluator import EvalResult
 from vlmerge.eval.loading import load_model
@@ -69,6 +69,8 @@ def run(cfg: DictConfig) -> float:
     baselines = baseline_recipes(plain.get("baselines"), context.sources, cfg.seed)
     context.task.check_fitness_key()
     recipe, evolved = None, []
+    if kind == "ps_dfs":
+        check_path_stage(context, plain["merge"])  # refuse a bad DFS stage before the PS stage runs
     if kind in ("ps", "ps_dfs"):
         ps_dir = run_dir if kind == "ps" else run_dir / PS_DIR
         recipe, result = search_recipe(context, plain, ps_searcher, ps_dir)

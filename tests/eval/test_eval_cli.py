@@ -153,6 +153,8 @@ def test_bad_command_lines(tiny, tmp_path):
         run_eval(f"model={tiny.base}", "task=mgsm_ja", f"task.data={tsv}", "split=search")
     with pytest.raises(VlmergeError, match="unknown device 'tpu9'"):
         run_eval(f"model={tiny.base}", *task, "device=tpu9")
+    with pytest.raises(VlmergeError, match="choose a task: task=NAME, one of .*toy_math_ja"):
+        run_eval(f"model={tiny.base}")
 
 
 def test_recipe_without_models_is_refused(tmp_path):

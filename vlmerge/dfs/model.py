@@ -67,7 +67,8 @@ def check_foldable(config, layer: nn.Module) -> tuple[str, ...]:
             f"model type {config.model_type!r} ({type(layer).__name__}) is not a known pre-norm RMSNorm "
             "family: a hidden-state scaling cannot be folded into its weights exactly "
             f"(foldable: {sorted(FOLDABLE)}). "
-            "Run the path model with fold=false (it cannot be exported) or use unit scalings."
+            "Use unit scalings (merge.path.scaling=none); a PathModel with fold=false scores such a path, but it "
+            "cannot be exported."
         )
     modules = dict(layer.named_modules())
     missing = [t for t in (*targets, "input_layernorm", "post_attention_layernorm") if t not in modules]

@@ -22,13 +22,26 @@ from hydra.utils import instantiate
 
 from vlmerge.candidates import MergeContext
 from vlmerge.dfs.export import export_path
-from vlmerge.dfs.model import PathModel, check_foldable
+from vlmerge.dfs.model import PathModel, check_foldable, decoder_stack
 from vlmerge.dfs.path import EmptyPathError, LayerPath, PathSpec
 from vlmerge.errors import VlmergeError
 from vlmerge.eval.evaluator import EvalResult, evaluate
 from vlmerge.merge.recipe import Recipe
 from vlmerge.models.pool import Pool
 from vlmerge.search.fitness import Evaluation, Problem
+
+
+def check_path_stage(context: MergeContext, merge: Mapping) -> tuple[str, PathSpec]:
+    """The DFS stage's donor (tower B) and genome, or the refusal PathStage.build would give, without loading
+    B's layers: ps_dfs asks before its PS stage runs. A scaled path, and any path the path model folds, needs
+    a pre-norm RMSNorm family (export refuses the others at the end)."""
+    pool = context.pool
+    donor = donor_of(pool, merge.get("donor"))
+    spec = instantiate(merge["path"], _convert_="all")(depth_a=pool.target.depth, depth_b=pool.donors[donor].depth)
+    if spec.scaling != "none" or merge["path_model"].get("fold", True):
+        stack = decoder_stack(context.bundle.model)
+        check_foldable(stack.config, stack.layers[0])
+    return donor, spec
 
 
 def merge_kind(merge: Mapping) -> str:
@@ -82,13 +95,8 @@ class PathStage:
     @classmethod
     def build(cls, context: MergeContext, merge: Mapping, ps_recipe: Recipe | None = None) -> PathStage:
         """From the plain `merge` config (`donor`, partial `path` and `path_model`); A's weights are set."""
-        pool = context.pool
-        donor = donor_of(pool, merge.get("donor"))
-        tower_b = pool.donors[donor]
-        spec = instantiate(merge["path"], _convert_="all")(depth_a=pool.target.depth, depth_b=tower_b.depth)
-        path_model = instantiate(merge["path_model"], _convert_="all")(context.bundle.model, tower_b)
-        if spec.scaling != "none" and not path_model.fold:  # refuse now what export would refuse at the end
-            check_foldable(path_model.config, path_model.layers_a[0])
+        donor, spec = check_path_stage(context, merge)
+        path_model = instantiate(merge["path_model"], _convert_="all")(context.bundle.model, context.pool.donors[donor])
         stage = cls(context, spec, path_model, donor, ps_recipe)
         stage.restore_a()
         return stage

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from vlmerge.cli import config_dir
 from vlmerge.errors import VlmergeError
 from vlmerge.eval.evaluator import EvalResult, evaluate, read_predictions, score_predictions
 from vlmerge.eval.loading import ModelBundle, load_model
@@ -35,6 +36,9 @@ def eval_command(cfg: DictConfig) -> EvalResult:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    if cfg.get("task") is None:
+        names = sorted(p.stem for p in (Path(config_dir()) / "task").glob("*.yaml"))
+        raise VlmergeError(f"choose a task: task=NAME, one of {', '.join(names)}")
     task = instantiate_task(cfg.task)
     try:
         source = str(cfg[modes[0]])
@@ -94,8 +98,8 @@ def _load_recipe(cfg: DictConfig, path: str) -> ModelBundle:
     pool_cfg = OmegaConf.to_container(chosen, resolve=True) if chosen is not None else recipe_pool
     if pool_cfg is None:
         raise VlmergeError(
-            f"{path} names no models: choose a pool (pool=NAME or pool.target.path=...) "
-            "or add a `pool:` block"
+            f"{path} names no models: choose a pool (pool=NAME, or +pool.target.path=... "
+            "+pool.base.path=... +pool.donors.NAME.path=...) or add a `pool:` block"
         )
     pool = open_pool(
         pool_cfg, allow_vocab_mismatch=bool(cfg.allow_vocab_mismatch), allow_pickle=bool(cfg.allow_pickle)

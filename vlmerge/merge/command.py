@@ -52,7 +52,8 @@ def merge_command(cfg: DictConfig) -> Path:
     pool_cfg = OmegaConf.to_container(chosen, resolve=True) if chosen is not None else recipe_pool
     if pool_cfg is None:
         raise VlmergeError(
-            f"{cfg.recipe} names no models: choose a pool (pool=NAME or pool.target.path=...) or add a `pool:` block"
+            f"{cfg.recipe} names no models: choose a pool (pool=NAME, or +pool.target.path=... "
+            "+pool.base.path=... +pool.donors.NAME.path=...) or add a `pool:` block"
         )
     pool = open_pool(pool_cfg, allow_vocab_mismatch=cfg.allow_vocab_mismatch, allow_pickle=cfg.allow_pickle)
     if cfg.get("seed") is not None:

@@ -31,7 +31,7 @@ def run_dir(out: Path, experiment: str, merge: str, seed: int) -> Path:
 
 
 MERGE_CONFIGS = {"ps": "ties_dare", "dfs": "dfs_compact", "ps_dfs": "ps_dfs_compact"}
-"""Row label -> conf/merge file. The DFS genome is the compact one (24 slots, one scaling per slot): the
+"""Row label -> conf/merge file. The DFS genome is the compact one (24 slots, one scaling per layer entered): the
 paper's full 12x12 W is 144 genes, too many for a 120-evaluation search. toy_vqa_ja runs ps_dfs by default,
 toy_math_ja ps."""
 

@@ -289,6 +289,8 @@ def test_ps_dfs_killed_in_the_dfs_stage_resumes_it_without_redoing_ps(ps_dfs_mat
         (["search.budget=0"], "search.budget = 0: must be >= 1"),  # raised inside Hydra's instantiate
         (["merge=ps_dfs", "merge.path.repeats=99"], "repeats"),  # the DFS stage's genome, before PS runs
         (["merge=ps_dfs", "merge.donor=nope"], "nope"),
+        (["table_split=trainn"], "trainn"),  # the final table's split, before the search and not after it
+        (["task.data=/nope/math"], "/nope/math"),
     ],
 )
 def test_bad_search_settings_end_in_one_line_before_any_search(tiny, tmp_path, overrides, message):

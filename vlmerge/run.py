@@ -68,6 +68,9 @@ def run(cfg: DictConfig) -> float:
     context = MergeContext.build(plain, extra_ops=baseline_ops)
     baselines = baseline_recipes(plain.get("baselines"), context.sources, cfg.seed)
     context.task.check_fitness_key()
+    table_split = (cfg.get("table_split") or "heldout") if cfg.heldout else None
+    for split in ["search"] + ([table_split] if table_split else []):  # bad data: refused before searching
+        context.task_for(split).prepare(split)
     recipe, evolved = None, []
     if kind == "ps_dfs":
         check_path_stage(context, plain["merge"])  # refuse a bad DFS stage before the PS stage runs
@@ -87,8 +90,7 @@ def run(cfg: DictConfig) -> float:
         path, result = search_path(stage, plain, searcher, run_dir)
         stage.export(path, run_dir / "best")
         evolved.append(("evolved", kind, lambda split: stage.score(path, split, restore=True)))
-    split = cfg.get("table_split") or "heldout"
-    rows = heldout_rows(context, baselines, plain, evolved, split) if cfg.heldout else []
+    rows = heldout_rows(context, baselines, plain, evolved, table_split) if table_split else []
     write_report(run_dir, rows, recipe=recipe if kind == "ps" else None, depth=context.depth)
     return result.best_fitness
 

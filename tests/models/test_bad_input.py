@@ -177,3 +177,89 @@ def test_missing_shard_is_named(tiny, tmp_path):
     (tiny.root / "no_config").mkdir(exist_ok=True)
     with pytest.raises(VlmergeError, match="missing config.json in .*no_config"):
         Pool(target=str(tiny.llava), donors={"ja": str(tiny.root / "no_config")}, base=str(tiny.base))
+
+
+def tree(folder) -> dict:
+    """Every path under `folder`, hidden ones too, with each file's bytes (None for a folder or link)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() and not p.is_symlink() else None
+            for p in folder.rglob("*")}  # fmt: skip
+
+
+def test_cli_refuses_an_output_that_is_a_file_even_with_overwrite(tiny, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny)
+    user = tmp_path / "userfile.txt"
+    user.write_text("keep me")
+    before = tree(tmp_path)
+    done = merge_cli(f"recipe={recipe}", f"output_dir={user}", "overwrite=true")
+    assert done.returncode == 2
+    assert f"error: output dir {user} exists and is not a directory; choose another path" in done.stderr
+    assert done.stderr.count("error:") == 1 and "Traceback" not in done.stderr
+    assert tree(tmp_path) == before  # the file as it was, no hidden `.userfile.txt.*` left
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+@pytest.mark.parametrize("under", [False, True])
+def test_output_that_is_or_lies_under_a_file_is_refused(tiny, tmp_path, overwrite, under):
+    pool = Pool(target=str(tiny.llava), donors={"ja": str(tiny.ja)}, base=str(tiny.base), verbose=False)
+    recipe = Recipe.from_dict({"op": "ties", "sources": ["target", "ja"], "rules": [{"weight": 0.5}]})
+    user = tmp_path / "userfile.txt"
+    user.write_text("keep me")
+    out = user / "merged" if under else user
+    where = f" cannot be created: {user}" if under else ""
+    with pytest.raises(VlmergeError) as err:
+        export_recipe(pool, recipe, out, overwrite=overwrite)
+    assert str(err.value) == f"output dir {out}{where} exists and is not a directory; choose another path"
+    assert tree(tmp_path) == {"userfile.txt": b"keep me"}
+
+
+def input_models(tiny, root) -> dict:
+    """Copies of the pool's models (the shared `tiny` ones must survive a failing test)."""
+    return {role: shutil.copytree(src, root / "models" / role)
+            for role, src in (("target", tiny.llava), ("ja", tiny.ja), ("base", tiny.base))}  # fmt: skip
+
+
+def test_cli_refuses_to_overwrite_an_input_model(tiny, tmp_path):
+    models = input_models(tiny, tmp_path)
+    pool = {"target": str(models["target"]), "donors": {"ja": str(models["ja"])}, "base": str(models["base"])}
+    recipe = write_recipe(tmp_path / "r.yaml", tiny, pool=pool)
+    before = tree(tmp_path)
+    done = merge_cli(f"recipe={recipe}", f"output_dir={models['target']}", "overwrite=true")
+    assert done.returncode == 2
+    target = models["target"].resolve()
+    assert (f"error: output dir {models['target']} ({target}) overlaps the target model folder {target}; "
+            "choose an output_dir outside the input models") in done.stderr  # fmt: skip
+    assert done.stderr.count("error:") == 1 and "Traceback" not in done.stderr
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize(("out", "role"), [("ja", "donor ja"), ("ja/merged", "donor ja"), (".", "target"),
+                                           ("link", "base"), ("link/merged", "base")])  # fmt: skip
+def test_output_overlapping_an_input_model_is_refused(tiny, tmp_path, out, role):
+    models = input_models(tiny, tmp_path)
+    (tmp_path / "models" / "link").symlink_to(models["base"], target_is_directory=True)
+    pool = Pool(target=str(models["target"]), donors={"ja": str(models["ja"])}, base=str(models["base"]),
+                verbose=False)  # fmt: skip
+    recipe = Recipe.from_dict({"op": "ties", "sources": ["target", "ja"], "rules": [{"weight": 0.5}]})
+    before = tree(tmp_path)
+    output_dir = tmp_path / "models" / out
+    folder = models[role.removeprefix("donor ")].resolve()
+    with pytest.raises(VlmergeError) as err:
+        export_recipe(pool, recipe, output_dir, overwrite=True)
+    assert str(err.value).startswith(f"output dir {output_dir} ({output_dir.resolve()}) overlaps the {role} model "
+                                     f"folder {folder}; ")  # fmt: skip
+    assert tree(tmp_path) == before
+
+
+def test_overwriting_a_link_to_a_folder_replaces_the_link_only(tmp_path):
+    from vlmerge.models.export import staged_dir
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "f.txt").write_text("mine")
+    link = tmp_path / "out"
+    link.symlink_to(kept, target_is_directory=True)
+    with staged_dir(link, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert not link.is_symlink() and (link / "new.txt").read_text() == "new"
+    assert (kept / "f.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "out"]

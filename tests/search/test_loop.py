@@ -127,6 +127,18 @@ def test_refuses_to_overwrite_or_to_resume_with_other_settings(tmp_path):
         CMAESSearch(budget=8, popsize=4, resume=True).run(sphere_problem(dim=4), tmp_path)
 
 
+def test_a_run_cut_short_in_generation_0_resumes_only_with_its_own_settings(tmp_path):
+    """A budget below the population ends in generation 0, before any generation completes: the run dir
+    still holds a checkpoint, so a resume with other settings is refused instead of starting over."""
+    CMAESSearch(budget=3, popsize=4, seed=1).run(sphere_problem(), tmp_path)
+    logged = read_trials(tmp_path)
+    with pytest.raises(VlmergeError, match="seed was 1"):
+        CMAESSearch(budget=3, popsize=4, seed=5, resume=True).run(sphere_problem(), tmp_path)
+    assert read_trials(tmp_path) == logged
+    again = CMAESSearch(budget=3, popsize=4, seed=1, resume=True).run(sphere_problem(), tmp_path)
+    assert [r["x"] for r in read_trials(tmp_path)] == [r["x"] for r in logged] and again.evaluations == 3
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -38,8 +38,24 @@ def parse_size(size: int | str) -> int:
 
 
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
+    """Refuse, before anything is written, an output path that is (or lies under) something other than a
+    folder, whatever `overwrite` says, and an existing non-empty folder unless `overwrite`."""
+    existing = next(p for p in (output_dir, *output_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        where = "" if existing == output_dir else f" cannot be created: {existing}"
+        raise VlmergeError(f"output dir {output_dir}{where} exists and is not a directory; choose another path")
+    if existing == output_dir and any(output_dir.iterdir()) and not overwrite:
         raise VlmergeError(f"output dir {output_dir} exists and is not empty; pass overwrite=true to replace it")
+
+
+def check_not_inputs(output_dir: Path, inputs: dict[str, Path]) -> None:
+    """Refuse an output folder that is, contains or lies inside one of the `inputs` ({role: model folder})."""
+    out = output_dir.resolve()
+    for role, folder in inputs.items():
+        src = Path(folder).resolve()
+        if out == src or src in out.parents or out in src.parents:
+            raise VlmergeError(f"output dir {output_dir} ({out}) overlaps the {role} model folder {src}; "
+                               "choose an output_dir outside the input models")
 
 
 @contextmanager
@@ -58,7 +74,10 @@ def staged_dir(output_dir: Path, overwrite: bool) -> Iterator[Path]:
         if output_dir.exists():
             trash = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
             output_dir.rename(trash)
-            shutil.rmtree(trash)
+            if trash.is_symlink():
+                trash.unlink()  # a link is replaced; the folder it points to stays
+            else:
+                shutil.rmtree(trash)
         tmp.rename(output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -78,6 +97,8 @@ def write_model(
 ) -> Path:
     """Write the target model of `pool` with the tower tensors that `tensors()` yields replacing its own."""
     output_dir = Path(output_dir)
+    donors = {f"donor {name}": tower.folder for name, tower in pool.donors.items()}
+    check_not_inputs(output_dir, {"target": pool.target.folder, **donors, "base": pool.base.folder})
     with staged_dir(output_dir, overwrite) as tmp:
         _copy_non_weights(pool.target.folder, tmp, pool.target.spec.subdir)
         _write_weights(pool, tmp / pool.target.spec.subdir, tensors(), parse_size(max_shard_size), out_dtype)

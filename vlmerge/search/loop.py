@@ -9,7 +9,8 @@
   CMA's own stopping criteria are ignored: the search runs to the budget.
 - CMA samples from its own RandomState (seeded by `seed`), pickled with the ES: a fitness that touches
   numpy's global RNG cannot change the trajectory, and a resumed run continues exactly where it was.
-- Resume (`resume=true`, same run dir): the checkpoint holds the ES after the last complete generation. The
+- Resume (`resume=true`, same run dir): the checkpoint holds the ES after the last complete generation (or,
+  before generation 0 ends, the fresh ES, so that every resume compares its settings with the run's). The
   unfinished generation is asked again (same candidates); its logged successes are reused when the vectors
   match exactly, the rest are evaluated. The result equals an uninterrupted run's (fitness deterministic).
 - Ctrl-C / SIGTERM: the checkpoint stays at the last complete generation; `SearchInterrupted` is raised
@@ -105,6 +106,11 @@ class CMAESSearch:
             opts["popsize"] = self.popsize
         return cma.CMAEvolutionStrategy(problem.x0.tolist(), float(self.sigma0), opts)
 
+    def _save(self, run_dir: Path, es, best, generation: int, evaluations: int, problem: Problem) -> None:
+        state = {"es": es.pickle_dumps(), "best": best, "generation": generation, "evaluations": evaluations,
+                 "fingerprint": self._fingerprint(problem)}  # fmt: skip
+        save_checkpoint(run_dir, state)
+
     def run(self, problem: Problem, run_dir: Path | str) -> SearchResult:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -119,8 +125,9 @@ class CMAESSearch:
             es, best = pickle.loads(state["es"]), state["best"]
             generation, evaluations = state["generation"], state["evaluations"]
             log.info("resuming %s at generation %d (%d evaluations)", run_dir, generation, evaluations)
-        else:
+        else:  # checkpointed before generation 0: a resume of a run cut short there checks its settings too
             es, best, generation, evaluations = self._new_es(problem), None, 0, 0
+            self._save(run_dir, es, best, generation, evaluations, problem)
         rows = trials.read()
         if len(rows) < evaluations:
             raise VlmergeError(
@@ -151,16 +158,7 @@ class CMAESSearch:
                     es.tell([x.tolist() for x in xs], told_values(outcomes))
                     generation += 1
                     trials.sync()
-                    save_checkpoint(
-                        run_dir,
-                        {
-                            "es": es.pickle_dumps(),
-                            "best": best,
-                            "generation": generation,
-                            "evaluations": evaluations,
-                            "fingerprint": self._fingerprint(problem),
-                        },
-                    )
+                    self._save(run_dir, es, best, generation, evaluations, problem)
                     write_json(run_dir / BEST, best_json(best, problem))
         except KeyboardInterrupt:
             raise SearchInterrupted(

@@ -51,7 +51,7 @@ import torch
 from vlmerge.errors import VlmergeError, exit_on_user_error
 from vlmerge.models.composite import CompositeVLM
 from vlmerge.models.composite_processor import CompositeProcessor
-from vlmerge.models.export import staged_dir
+from vlmerge.models.export import check_output_dir, staged_dir
 from vlmerge.toy import problems as P
 from vlmerge.toy import scenes as S
 from vlmerge.toy import texts as T
@@ -317,6 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     command = f"python -m vlmerge.toy.build --out {args.out}"
     if args.threads != 2:
         command += f" --threads {args.threads}"
+    check_output_dir(Path(args.out), overwrite=True)  # before the build, not after it
     built = build_models(config, verbose=not args.quiet)
     print(f"wrote {save_models(built, args.out, config, command)} in {sum(built['seconds'].values()):.0f} s")
 

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vlmerge.errors import VlmergeError, exit_on_user_error
-from vlmerge.models.export import staged_dir
+from vlmerge.models.export import check_output_dir, staged_dir
 from vlmerge.toy import problems as P
 from vlmerge.toy import scenes as S
 
@@ -123,6 +123,8 @@ def math_splits(config: EvalSetConfig) -> dict[str, list[P.Problem]]:
 def write_eval_sets(out: str | Path, config: EvalSetConfig | None = None) -> list[Path]:
     """Write both folders under `out`; returns their paths."""
     out, config = Path(out), config or EvalSetConfig()
+    for folder in (out / VQA_DIR, out / MATH_DIR):  # all checked before the first is replaced
+        check_output_dir(folder, overwrite=True)
     vqa = vqa_splits(config)
     math = math_splits(config)
 

@@ -123,6 +123,23 @@ def test_math_jsonl_answers_are_strings(tmp_path):
     assert items[1].meta == {"source": "toy"} and ds.heldout_split is None
 
 
+def test_jsonl_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "m" / "search.jsonl"
+    path.parent.mkdir()
+    good = json.dumps({"id": 1, "question": "1+1は？", "answer": 2}, ensure_ascii=False).encode()
+    path.write_bytes(good + b"\n" + '{"id": 2, "question": "2+2は？", "answer": 4}\n'.encode("shift_jis"))
+    with pytest.raises(VlmergeError) as err:
+        load_dataset("math_jsonl", str(path.parent))
+    assert str(err.value) == f"{path}:2: not UTF-8 text (byte 0x82); save the file as UTF-8"
+    tsv = tmp_path / "mgsm.tsv"
+    tsv.write_bytes("1+1は？\t2\n".encode() + "2+2は？\t4\n".encode("shift_jis"))
+    with pytest.raises(VlmergeError, match=r"mgsm.tsv:2: not UTF-8 text"):
+        load_dataset("mgsm_tsv", str(tsv))
+    (path.parent / "dataset.yaml").write_bytes("name: 数学\n".encode("shift_jis"))
+    with pytest.raises(VlmergeError, match=r"dataset.yaml:1: not UTF-8 text"):
+        load_dataset("math_jsonl", str(path.parent))
+
+
 @pytest.mark.skipif(not (MGSM / "mgsm_ja.tsv").is_file(), reason="needs ../shared/data/mgsm beside the repo")
 def test_real_mgsm_ja_is_one_heldout_split_of_250(caplog):
     ds = load_dataset("mgsm_tsv", str(MGSM / "mgsm_ja.tsv"))

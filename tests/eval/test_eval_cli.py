@@ -119,6 +119,10 @@ def test_predictions_file_with_unknown_or_missing_ids(tmp_path):
     path.write_text('{"id": "a"}\n')
     with pytest.raises(VlmergeError, match=r"p\.jsonl:1: expected an object"):
         run_eval(f"predictions={path}", "task=toy_math_ja", f"task.data={TOY_MATH}")
+    path.write_bytes(b'{"id": "a", "prediction": "1"}\n{"id": "b", "prediction": "\xff"}\n')
+    with pytest.raises(VlmergeError) as err:
+        run_eval(f"predictions={path}", "task=toy_math_ja", f"task.data={TOY_MATH}")
+    assert str(err.value) == f"{path}:2: not UTF-8 text (byte 0xff); save the file as UTF-8"
 
 
 def test_bad_images_refused_before_loading_or_skipped(tiny, tmp_path):
@@ -155,6 +159,25 @@ def test_bad_command_lines(tiny, tmp_path):
         run_eval(f"model={tiny.base}", *task, "device=tpu9")
     with pytest.raises(VlmergeError, match="choose a task: task=NAME, one of .*toy_math_ja"):
         run_eval(f"model={tiny.base}")
+
+
+def test_corrupt_or_truncated_weights_are_named_as_the_merge_names_them(tiny, tmp_path):
+    broken = shutil.copytree(tiny.base, tmp_path / "broken")
+    weights = broken / "model.safetensors"
+    data = weights.read_bytes()
+    out = tmp_path / "out"
+    common = ("task=toy_math_ja", f"task.data={TOY_MATH}", "task.limit=2", f"output_dir={out}")
+    for damaged in (data[: len(data) // 2], b"\x00" * 64):
+        weights.write_bytes(damaged)
+        with pytest.raises(VlmergeError, match=rf"^corrupt or truncated safetensors file {weights}: Error while"):
+            run_eval(f"model={broken}", *common)
+        assert not out.exists()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", "from vlmerge.cli import eval_main; eval_main()", f"model={broken}",
+                           *common], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and done.stderr.count("error:") == 1 and "Traceback" not in done.stderr
+    assert f"error: corrupt or truncated safetensors file {weights}: Error while" in done.stderr
+    assert not out.exists()
 
 
 def test_recipe_without_models_is_refused(tmp_path):

@@ -141,6 +141,18 @@ def test_postprocess_cuts_at_stop_takes_first_line_and_strips():
         assert task.postprocess(once) == once
 
 
+def test_a_stop_string_is_one_stop_string():
+    task = instantiate_task(task_config("toy_vqa_ja", "task.stop=abc", "task.first_line=false"))
+    assert task.generation.stop == ("abc",) == Task("t", "d", "vqa_jsonl", stop="abc").generation.stop
+    assert task.postprocess("a b c abc d") == "a b c"
+    assert instantiate_task(task_config("toy_vqa_ja", "task.stop=[abc,'###']")).generation.stop == ("abc", "###")
+    with pytest.raises(VlmergeError) as err:
+        instantiate_task(task_config("toy_vqa_ja", "task.stop=5"))
+    assert str(err.value) == (
+        "task 'toy_vqa_ja': stop must be a list of strings, got 5; write it as task.stop='[\"STRING\", ...]'"
+    )
+
+
 @pytest.mark.parametrize("prompt", ["{input}", "Q: {question} {", "{question.x}"])
 def test_prompt_fields_are_checked(prompt):
     with pytest.raises(VlmergeError, match="prompt"):

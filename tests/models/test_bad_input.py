@@ -263,3 +263,29 @@ def test_overwriting_a_link_to_a_folder_replaces_the_link_only(tmp_path):
     assert not link.is_symlink() and (link / "new.txt").read_text() == "new"
     assert (kept / "f.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "out"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "give output_dir=PATH"),
+        (["output_dir={out}", "max_shard_size=lots"], "max_shard_size = 'lots': give a positive size"),
+        (["output_dir={out}", "max_shard_size=-5"], "max_shard_size = -5: give a positive size"),
+        (["output_dir={out}", "seed=abc"], "seed = 'abc': give an integer"),
+        (["output_dir={out}", "device=gpu"], "unknown device 'gpu'"),
+    ],
+)
+def test_cli_bad_settings_are_refused_before_the_pool_opens(tiny, tmp_path, args, message):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny)
+    out = tmp_path / "a" / "out"
+    done = merge_cli(f"recipe={recipe}", *(a.format(out=out) for a in args))
+    assert done.returncode == 2 and message in done.stderr
+    assert done.stderr.count("error:") == 1 and "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
+def test_shard_sizes():
+    from vlmerge.models.export import parse_size
+
+    assert [parse_size(s) for s in ("2GB", "500MB", "10KB", "123B", 1000, "1.5GB")] == [
+        2 * 10**9, 5 * 10**8, 10**4, 123, 1000, 15 * 10**8]

@@ -18,6 +18,7 @@ from vlmerge.eval.generate import generate
 from vlmerge.eval.loading import ModelBundle
 from vlmerge.eval.metrics import MetricResult
 from vlmerge.eval.task import Task
+from vlmerge.user_input import utf8_lines
 
 
 @dataclass(frozen=True)
@@ -137,23 +138,22 @@ def read_predictions(path: Path | str) -> dict[str, str]:
         raise VlmergeError(f"predictions file not found: {path}")
     out: dict[str, str] = {}
     duplicates = []
-    with path.open(encoding="utf-8") as lines:
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise VlmergeError(f"{where}: invalid JSON ({error.msg})") from None
-            if not isinstance(row, dict) or "id" not in row or "prediction" not in row:
-                raise VlmergeError(f'{where}: expected an object with "id" and "prediction"')
-            if not isinstance(row["prediction"], str) or isinstance(row["id"], (bool, dict, list)):
-                raise VlmergeError(f'{where}: "id" must be a string or number and "prediction" a string')
-            key = str(row["id"])
-            if key in out:
-                duplicates.append(key)
-            out[key] = row["prediction"]
+    for lineno, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise VlmergeError(f"{where}: invalid JSON ({error.msg})") from None
+        if not isinstance(row, dict) or "id" not in row or "prediction" not in row:
+            raise VlmergeError(f'{where}: expected an object with "id" and "prediction"')
+        if not isinstance(row["prediction"], str) or isinstance(row["id"], (bool, dict, list)):
+            raise VlmergeError(f'{where}: "id" must be a string or number and "prediction" a string')
+        key = str(row["id"])
+        if key in out:
+            duplicates.append(key)
+        out[key] = row["prediction"]
     if duplicates:
         raise VlmergeError(f"{path}: duplicate id(s) {_listed(duplicates)}")
     if not out:

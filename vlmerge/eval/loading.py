@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from vlmerge.errors import VlmergeError
+from vlmerge.models.checkpoint import Checkpoint
 from vlmerge.models.source import ModelRef, as_ref
 from vlmerge.models.towers import TowerSpec, detect_family
 
@@ -140,11 +142,13 @@ def load_model(
 ) -> ModelBundle:
     """Load a model folder or hub id for generation, in `ref.dtype` on `ref.device`, in eval mode."""
     ref = as_ref(ref)
-    _check_device(ref.device)
+    check_device(ref.device)
     folder = ref.resolve()
     spec = detect_family(folder)
     try:
         model = _load_weights(folder, spec, ref, trust_remote_code)
+    except SafetensorError as error:
+        raise _corrupt_safetensors(folder, error) from None
     except (OSError, ValueError, KeyError) as error:
         raise VlmergeError(f"cannot load the {spec.family} model in {folder}: {error}") from None
     if attn_implementation is not None:
@@ -202,7 +206,17 @@ def _load_weights(folder: Path, spec: TowerSpec, ref: ModelRef, trust_remote_cod
     return cls.from_pretrained(folder, dtype=ref.torch_dtype, trust_remote_code=trust_remote_code)
 
 
-def _check_device(device: str) -> None:
+def _corrupt_safetensors(folder: Path, error: Exception) -> VlmergeError:
+    """The merge side's message naming the bad file (a Checkpoint opens every header), else one naming the folder."""
+    for sub in sorted({file.parent for file in folder.rglob("*.safetensors")}):
+        try:
+            Checkpoint(sub)
+        except VlmergeError as found:
+            return found
+    return VlmergeError(f"corrupt or truncated safetensors file in {folder}: {error}")
+
+
+def check_device(device: str) -> None:
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError):

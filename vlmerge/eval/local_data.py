@@ -11,21 +11,21 @@ import yaml
 
 from vlmerge.errors import VlmergeError
 from vlmerge.eval.data import JSONL_DEFAULT_ROLES, ROLES, Dataset, ImageRef, Item, declare_roles, finish_split
+from vlmerge.user_input import utf8_lines
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """(1-based line number, object) for every non-blank line."""
-    with path.open(encoding="utf-8") as lines:
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise VlmergeError(f"{path}:{lineno}: invalid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise VlmergeError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            yield lineno, row
+    for lineno, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise VlmergeError(f"{path}:{lineno}: invalid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise VlmergeError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        yield lineno, row
 
 
 def _field(row: dict, key: str, where: str, kinds: tuple[type, ...] = (str,)) -> Any:
@@ -65,7 +65,7 @@ def _dataset_config(folder: Path) -> dict:
     for path in (folder / "dataset.yaml", folder / "dataset.yml", folder / "dataset.json"):
         if path.is_file():
             try:
-                config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+                config = yaml.safe_load("".join(line for _, line in utf8_lines(path))) or {}
             except yaml.YAMLError as error:
                 raise VlmergeError(f"{path}: cannot parse ({error})") from None
             if not isinstance(config, dict) or set(config) - {"name", "search_split", "heldout_split"}:
@@ -105,13 +105,12 @@ def load_mgsm_tsv(data: str, *, splits=None, limit=None) -> Dataset:
     if not path.is_file():
         raise VlmergeError(f"MGSM file not found: {path}")
     items = []
-    with path.open(encoding="utf-8") as lines:
-        for row, line in enumerate(lines):
-            line = line.rstrip("\r\n")
-            question, tab, answer = line.rpartition("\t")
-            if not tab or not question.strip() or not answer.strip():
-                raise VlmergeError(f"{path}:{row + 1}: expected 'question<TAB>answer', got {line[:60]!r}")
-            items.append(Item(str(row), question, (answer.strip(),)))
+    for lineno, line in utf8_lines(path):
+        line = line.rstrip("\r\n")
+        question, tab, answer = line.rpartition("\t")
+        if not tab or not question.strip() or not answer.strip():
+            raise VlmergeError(f"{path}:{lineno}: expected 'question<TAB>answer', got {line[:60]!r}")
+        items.append(Item(str(lineno - 1), question, (answer.strip(),)))
     roles = declare_roles(path.stem, ["test"], {"search": None, "heldout": "test"}, splits)
     test = finish_split(items, "test", str(path), limit)
     return Dataset(path.stem, {"test": test}, roles["search"], roles["heldout"], source=str(path))

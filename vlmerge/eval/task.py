@@ -19,6 +19,7 @@ from vlmerge.eval.data import Dataset, Item, load_dataset, resolve_split, screen
 from vlmerge.eval.generate import GenerationSettings, cut_at_stop
 from vlmerge.eval.loading import IMAGE_PLACEHOLDER, ModelBundle
 from vlmerge.eval.metrics import METRICS, MetricResult, get_metric
+from vlmerge.user_input import string_list
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class Task:
             temperature=temperature,
             top_p=top_p,
             seed=seed,
-            stop=tuple(stop or ()),
+            stop=tuple(string_list(stop, f"task {name!r}: stop", "task.stop='[\"STRING\", ...]'")),
             batch_size=batch_size,
         )
         self.strip = bool(strip)

@@ -10,9 +10,10 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from vlmerge.errors import VlmergeError
+from vlmerge.eval.loading import check_device
 from vlmerge.merge.merger import check_sources, merged_tensors
 from vlmerge.merge.recipe import Recipe
-from vlmerge.models.export import model_card, out_dtype_of, write_model
+from vlmerge.models.export import model_card, out_dtype_of, parse_size, write_model
 from vlmerge.models.pool import Pool
 from vlmerge.models.source import to_dtype
 
@@ -47,6 +48,15 @@ def open_pool(pool_cfg: Mapping, **options) -> Pool:
 
 
 def merge_command(cfg: DictConfig) -> Path:
+    missing = [key for key in ("recipe", "output_dir") if OmegaConf.is_missing(cfg, key)]
+    if missing:
+        raise VlmergeError(f"give {' and '.join(f'{key}=PATH' for key in missing)} (vlmerge-merge recipe=R.yaml "
+                           "output_dir=OUT)")
+    seed = cfg.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not str(seed).lstrip("-").isdigit()):
+        raise VlmergeError(f"seed = {seed!r}: give an integer (the DARE masks' seed) or leave it out")
+    parse_size(cfg.max_shard_size)  # refused before the pool is opened
+    check_device(cfg.device)
     recipe, recipe_pool = read_recipe_file(cfg.recipe)
     chosen = cfg.get("pool")
     pool_cfg = OmegaConf.to_container(chosen, resolve=True) if chosen is not None else recipe_pool

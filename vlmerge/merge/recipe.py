@@ -22,6 +22,7 @@ import yaml
 from vlmerge.errors import VlmergeError
 from vlmerge.merge.ops import OpArgs, get_op
 from vlmerge.models.towers import KINDS
+from vlmerge.user_input import string_list
 
 SOURCE_PARAMS = ("weight", "density", "gamma")
 TENSOR_PARAMS = ("t",)
@@ -157,7 +158,8 @@ class Recipe:
         rules = tuple(Rule.from_dict(r, f"{where}.rules[{i}]") for i, r in enumerate(raw.get("rules") or []))
         return cls(
             op=raw["op"],
-            sources=tuple(raw["sources"]),
+            sources=tuple(string_list(raw["sources"], f"{where}.sources", "sources: [target, DONOR, ...]",
+                                      single=False)),
             rules=rules,
             normalize=raw.get("normalize"),
             rescale=raw.get("rescale"),

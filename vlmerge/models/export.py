@@ -28,13 +28,16 @@ INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    text = size.strip().upper()
-    for unit, factor in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
+    """Bytes from 2GB, 500MB, 10KB, 123B or a plain number; refuses anything else, and sizes below 1 byte."""
+    text = str(size).strip().upper()
+    unit = next((u for u in ("GB", "MB", "KB", "B") if text.endswith(u)), "")
+    try:
+        value = int(float(text[: len(text) - len(unit)]) * {"GB": 10**9, "MB": 10**6, "KB": 10**3}.get(unit, 1))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise VlmergeError(f"max_shard_size = {size!r}: give a positive size such as 2GB, 500MB or 1000000")
+    return value
 
 
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:

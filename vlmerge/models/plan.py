@@ -76,7 +76,7 @@ def plan_merge(target, donors: dict, base, *, layer_map: dict[str, list[int]] | 
                 f"cannot map towers automatically: target has {target.depth} layers, {name} has {tower.depth}; "
                 f"give pool.layer_map.{name} = a list of {target.depth} {name} layer indices"
             )
-    keep_res = [re.compile(p) for p in keep]
+    keep_res = [_pattern(p) for p in keep]
     plans, kept, unmapped, mismatched = [], [], [], []
     used: dict[str, set[str]] = {name: set() for name in others}
     for tname, tkey in target.names.items():
@@ -118,6 +118,13 @@ def plan_merge(target, donors: dict, base, *, layer_map: dict[str, list[int]] | 
               if name != "base" or base is not target}  # fmt: skip
     return MergePlan(tensors=tuple(plans), kept=tuple(kept), unused=unused, depth=target.depth,
                      source_names=("target", *donors))  # fmt: skip
+
+
+def _pattern(pattern: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise VlmergeError(f"pool.keep pattern {pattern!r} is not a valid regular expression ({err})") from None
 
 
 def _listing(items: list[str], limit: int = 12) -> str:

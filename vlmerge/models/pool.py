@@ -18,6 +18,7 @@ from vlmerge.models.plan import MergePlan, plan_merge, tied_head_alias
 from vlmerge.models.source import ModelRef, as_ref
 from vlmerge.models.towers import TowerSpec, detect_family, read_config
 from vlmerge.models.vocab import check_vocab
+from vlmerge.user_input import string_list
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ class Pool:
         if reserved:
             raise VlmergeError(f"donor names {sorted(reserved)} are reserved; rename the donor(s)")
         self.trust_remote_code = trust_remote_code
-        self.options = {"layer_map": {k: list(v) for k, v in dict(layer_map or {}).items()}, "keep": list(keep),
+        keep = string_list(keep, "pool.keep", "keep: [PATTERN, ...] (regular expressions of tower tensor names)")
+        self.options = {"layer_map": {k: list(v) for k, v in dict(layer_map or {}).items()}, "keep": keep,
                         "allow_vocab_mismatch": allow_vocab_mismatch, "allow_pickle": allow_pickle}
         self.target = open_tower("target", as_ref(target), allow_pickle=allow_pickle)
         self.donors = {name: open_tower(name, as_ref(ref), allow_pickle=allow_pickle) for name, ref in donors.items()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from os import PathLike
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from vlmerge.search.generation import (
 )
 from vlmerge.search.loop import SearchInterrupted, sigterm_as_interrupt
 from vlmerge.search.workers import make_workers
+from vlmerge.user_input import string_list
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,8 @@ class FixedSearch:
     budget: int | None = None  # at most this many evaluations (experiments set one for the search)
 
     def __post_init__(self):
-        object.__setattr__(self, "recipes", tuple(str(r) for r in self.recipes))
+        recipes = string_list(self.recipes, "search.recipes", "search.recipes=[A.yaml,B.yaml]", item=(str, PathLike))
+        object.__setattr__(self, "recipes", tuple(map(str, recipes)))
         if not self.recipes:
             raise VlmergeError("search.recipes is empty: list the recipe files to score")
         if self.budget is not None and len(self.recipes) > self.budget:

@@ -36,3 +36,10 @@ def utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
                     f"{path}:{lineno}: not UTF-8 text (byte {raw[error.start]:#04x}); save the file as UTF-8"
                 ) from None
             yield lineno, line
+
+
+def blocking_file(path: Path) -> Path | None:
+    """What stops `path` from being (made) a folder: itself or its nearest existing parent when that is not a
+    folder; None when the path can be a folder."""
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    return None if existing.is_dir() else existing

@@ -22,6 +22,7 @@ from vlmerge import __version__
 from vlmerge.errors import VlmergeError
 from vlmerge.models.pool import Pool
 from vlmerge.models.source import DTYPES
+from vlmerge.user_input import blocking_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -43,11 +44,11 @@ def parse_size(size: int | str) -> int:
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:
     """Refuse, before anything is written, an output path that is (or lies under) something other than a
     folder, whatever `overwrite` says, and an existing non-empty folder unless `overwrite`."""
-    existing = next(p for p in (output_dir, *output_dir.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        where = "" if existing == output_dir else f" cannot be created: {existing}"
+    blocking = blocking_file(output_dir)
+    if blocking is not None:
+        where = "" if blocking == output_dir else f" cannot be created: {blocking}"
         raise VlmergeError(f"output dir {output_dir}{where} exists and is not a directory; choose another path")
-    if existing == output_dir and any(output_dir.iterdir()) and not overwrite:
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise VlmergeError(f"output dir {output_dir} exists and is not empty; pass overwrite=true to replace it")
 
 

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from vlmerge.errors import VlmergeError, exit_on_user_error
+from vlmerge.user_input import blocking_file
 
 METRICS = {"toy_vqa_ja": (("rougeL_ja", 1.0), ("exact_ja", 1.0)), "toy_math_ja": (("acc_ja", 100.0),)}
 """Held-out values summarised per experiment, (report key, scale to points): ROUGE-L gives partial credit for
@@ -103,9 +104,9 @@ def main(argv: list[str] | None = None) -> None:
     jobs = [(e, m, s, run_dir(out, e, m, s), extra) for e in args.experiments for m in args.merges
             for s in args.seeds]
     for job in jobs:  # before any run starts: each run folder must be (or be creatable as) a folder
-        existing = next(p for p in (job[3], *job[3].absolute().parents) if p.exists())
-        if not existing.is_dir():
-            raise VlmergeError(f"--out {out}: {existing} exists and is not a directory; choose another --out")
+        blocking = blocking_file(job[3])
+        if blocking is not None:
+            raise VlmergeError(f"--out {out}: {blocking} exists and is not a directory; choose another --out")
     with ThreadPoolExecutor(args.jobs) as pool:
         failed = [job for job, code in pool.map(lambda j: run_one(j, args.threads), jobs) if code]
     print(table(out, args.experiments, args.merges, args.seeds))

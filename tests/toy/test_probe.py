@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from vlmerge.errors import VlmergeError
-from vlmerge.toy.probe import main, probe_folders, table
+from vlmerge.toy import problems as P
+from vlmerge.toy.probe import decoy, main, probe_folders, table
 
 MODELS = Path(__file__).resolve().parents[2] / "eval_data" / "toy_models"
 
@@ -19,11 +20,13 @@ def test_probe_measures_the_math_lms_english_skill(capsys):
     assert english.acc >= 0.75 and english.set_up >= 0.75 and english.japanese == 0.0
     assert english.from_sum >= 0.75  # given "7 + 1 =" after an English problem, it writes 8
     assert japanese.from_sum < english.from_sum - 0.5  # after a Japanese one it mostly cannot
-    keys = ("acc", "set_up", "japanese", "from_sum")
+    assert english.follows_sum + english.from_text <= 1.0  # one next number: the decoy's value or the answer
+    assert english.follows_sum < english.from_sum - 0.5  # after another written sum it rarely writes its value
+    keys = ("acc", "set_up", "japanese", "from_sum", "follows_sum", "from_text")
     assert all(0.0 <= getattr(r, key) <= 1.0 for r in results for key in keys)
     assert english.example.endswith(".") and "The answer is" in english.example
     text = table(results)
-    assert text.splitlines()[0].split()[:6] == ["model", "lang", "acc", "set_up", "japanese", "from_sum"]
+    assert text.splitlines()[0].split()[:8] == ["model", "lang", *keys]
     assert len(text.splitlines()) == 3
 
 
@@ -50,3 +53,21 @@ def test_probe_seed_picks_another_problem_stream(capsys):
     validation = capsys.readouterr().out.splitlines()
     assert len(default) == len(validation) == 3
     assert default[1].split()[-6:] != validation[1].split()[-6:]  # the first reply: another problem
+
+
+def test_decoy_is_another_sum_of_the_same_operation_drawn_like_the_problems():
+    problems = P.make_problems(300, 5, P.ProblemConfig(ops=("+", "-", "×")))
+    decoys = [decoy(p) for p in problems]
+    assert decoys == [decoy(p) for p in problems]  # seeded by the problem id
+    for p, d in zip(problems, decoys):
+        assert (d.op, d.name, d.item, d.template) == (p.op, p.name, p.item, p.template) and d.answer != p.answer
+        if p.op == "×":
+            assert 2 <= d.a <= 5 and 2 <= d.b <= 5
+        else:
+            assert 1 <= (d.a if p.op == "+" else d.b) <= 9 and 1 <= (d.b if p.op == "+" else d.a - d.b) <= 9
+    assert len({(d.a, d.b) for d in decoys}) > 50
+
+
+def test_probe_refuses_zero_threads():
+    with pytest.raises(VlmergeError, match="--threads 0"):
+        main(["--threads", "0"])

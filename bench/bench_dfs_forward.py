@@ -81,12 +81,17 @@ def compare(label: str, run_path, run_plain, ids: torch.Tensor, reps: int) -> No
     print(f"| {label:<34} | {p * 1e3:9.1f} | {q * 1e3:10.1f} | {p / q:5.3f} | {diff:12.1e} |")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for name, default in (("hidden", 512), ("layers", 8), ("positions", 12), ("batch", 4), ("seq", 256),
                           ("reps", 7), ("threads", 1)):  # fmt: skip
         parser.add_argument(f"--{name}", type=int, default=default)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for name in ("hidden", "layers", "positions", "batch", "seq", "reps", "threads"):  # before any model is built
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} {getattr(args, name)}: must be at least 1")
+    if args.hidden % 16:
+        parser.error(f"--hidden {args.hidden}: must be a multiple of 16 (8 attention heads of an even size)")
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 

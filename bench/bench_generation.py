@@ -25,8 +25,9 @@ sys.path.insert(0, str(REPO))
 
 from tests.fixtures.composite import make_composite  # noqa: E402
 from tests.fixtures.hf_models import make_base_lm, make_llava  # noqa: E402
+from vlmerge.errors import VlmergeError  # noqa: E402
 from vlmerge.eval.generate import GenerationSettings, generate  # noqa: E402
-from vlmerge.eval.loading import load_model  # noqa: E402
+from vlmerge.eval.loading import check_device, load_model  # noqa: E402
 from vlmerge.models.source import ModelRef  # noqa: E402
 
 WORDS = "what colour is the circle square triangle red green blue how many are there left right top".split()
@@ -56,7 +57,7 @@ def timed(bundle, prompts, images, settings) -> tuple[list[str], float]:
     return outputs, time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="llava", choices=["llava", "llava_next", "composite"])
     parser.add_argument("--items", type=int, default=64)
@@ -64,7 +65,14 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for name in ("items", "batch", "max_new_tokens", "threads"):  # before the model is built
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    try:
+        check_device(args.device)
+    except VlmergeError as err:
+        parser.error(f"--device {args.device}: {err}")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="vlmerge-bench-") as tmp:
         folder = build(args.family, Path(tmp))

@@ -15,6 +15,7 @@ runs where they are importable but not installed (PYTHONPATH). --profile adds on
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shutil
 import statistics
@@ -123,14 +124,15 @@ def difference(a: Path, b: Path) -> str:
     return f"max |vlmerge - mergekit| {worst:.3g}; entries differing by > 1e-5: {differing}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of one vlmerge run")
     parser.add_argument("--workdir", type=Path, default=None, help="where to build models (default: /tmp)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check_arguments(parser, args)
     root = Path(tempfile.mkdtemp(prefix="bench_merge_", dir=args.workdir))
     try:
         paths = build_models(root / "models", getattr(torch, args.dtype))
@@ -155,6 +157,18 @@ def main() -> None:
         print_table(results, args)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse what would fail only after the models are built: one line naming the option (argparse's exit 2)."""
+    if args.reps < 1:
+        parser.error(f"--reps {args.reps}: must be at least 1")
+    if args.workdir is not None and not args.workdir.is_dir():
+        parser.error(f"--workdir {args.workdir}: not an existing folder")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible; use --device cpu")
+    if importlib.util.find_spec("mergekit") is None:
+        parser.error("mergekit is not importable (the bench compares against it): pip install mergekit==0.1.5")
 
 
 def print_table(results: dict[str, list[dict]], args) -> None:

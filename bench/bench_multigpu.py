@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import shutil
@@ -168,7 +169,7 @@ def free_gpu_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--popsize", type=int, default=8)
@@ -177,18 +178,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed generations per worker count (median shown)")
     parser.add_argument("--root", type=Path, default=Path("/tmp/vlmerge_bench_multigpu"))
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (a smoke test of the code; CPU if no GPU)")
-    args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not args.tiny:
-        raise SystemExit("7B shapes need GPUs (none visible); --tiny runs the same code on the CPU")
+    args = parser.parse_args(argv)
     try:
         counts = [int(n) for n in args.workers.split(",")]
     except ValueError:
         raise SystemExit(f"--workers {args.workers!r}: give worker counts such as 1,2,4") from None
-    if min(counts) < 1 or args.popsize < 1 or args.repeats < 1 or args.items < 1:
-        raise SystemExit("--workers, --popsize, --repeats and --items must be at least 1")
+    if min(counts) < 1:
+        raise SystemExit(f"--workers {args.workers}: every worker count must be at least 1")
+    for name in ("popsize", "items", "new_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.tiny:
+        raise SystemExit("7B shapes need GPUs (none visible); --tiny runs the same code on the CPU")
     if device == "cuda" and max(counts) > torch.cuda.device_count():
         raise SystemExit(f"--workers {args.workers} needs {max(counts)} GPUs; {torch.cuda.device_count()} visible")
+    if max(counts) > 1 and importlib.util.find_spec("ray") is None:
+        raise SystemExit(f"--workers {args.workers}: more than one worker needs ray (pip install 'ray>=2.9')")
     marker = args.root / ".vlmerge_bench_multigpu"  # only a folder this script made is ever deleted
     if args.root.exists() and (not args.root.is_dir() or any(args.root.iterdir()) and not marker.is_file()):
         raise SystemExit(f"--root {args.root} exists and was not made by this script: name a new folder")

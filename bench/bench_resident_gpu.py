@@ -203,14 +203,19 @@ def bench_generation(batch: int, new_tokens: int, items: int = 64) -> tuple[floa
     return max(results[1], results[3]), max(results[0], results[2])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--skip-generation", action="store_true")
     parser.add_argument("--profile", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for name in ("layers", "batch", "new_tokens"):  # before any tensor is allocated
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if not torch.cuda.is_available():
+        parser.error("no CUDA device is visible: this benchmark runs on a GPU")
     torch.set_grad_enabled(False)
     merge_rows, floor = bench_merge(args.layers, args.profile)
     gen = None if args.skip_generation else bench_generation(args.batch, args.new_tokens)

@@ -312,6 +312,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch CPU threads (the committed models were built with 2)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        raise VlmergeError(f"--threads {args.threads}: must be at least 1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     config = replace(DEFAULT, threads=args.threads)
     command = f"python -m vlmerge.toy.build --out {args.out}"

@@ -86,6 +86,22 @@ def table(out: Path, experiments: list[str], merges: list[str], seeds: list[int]
     return "\n".join(lines)
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Before any run starts: counts of at least 1, seeds numpy accepts, and no run named twice (two runs of
+    one folder side by side would write over each other)."""
+    for name in ("jobs", "threads"):
+        if getattr(args, name) < 1:
+            raise VlmergeError(f"--{name} {getattr(args, name)}: must be at least 1")
+    bad = [seed for seed in args.seeds if not 0 <= seed < 2**32]
+    if bad:
+        raise VlmergeError(f"--seeds {bad[0]}: seeds must be between 0 and 2**32 - 1")
+    for name in ("experiments", "merges", "seeds"):
+        values = getattr(args, name)
+        twice = sorted({v for v in values if values.count(v) > 1}, key=values.index)
+        if twice:
+            raise VlmergeError(f"--{name} {' '.join(map(str, values))}: {', '.join(map(str, twice))} given twice")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -98,8 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    if args.jobs < 1 or args.threads < 1:
-        raise SystemExit("error: --jobs and --threads must be at least 1")
+    check_arguments(args)
     out = Path(args.out)
     jobs = [(e, m, s, run_dir(out, e, m, s), extra) for e in args.experiments for m in args.merges
             for s in args.seeds]

@@ -49,9 +49,22 @@ class EvalSetConfig:
     math: P.ProblemConfig = field(default_factory=P.ProblemConfig)
 
     def __post_init__(self):
+        """Every check is arithmetic, so a set that cannot be made is refused before anything is generated."""
         for name in SIZE_FIELDS:
             if getattr(self, name) < 1:
                 raise VlmergeError(f"toy eval set {name}={getattr(self, name)}: must be at least 1")
+        if self.seed < 0:
+            raise VlmergeError(f"toy eval set seed={self.seed}: must be 0 or more (the split seeds must stay at "
+                               f"or above {EVAL_SEED_BASE}, which training data does not use)")
+        if not MIN_CANVAS <= self.canvas <= MAX_CANVAS:
+            raise VlmergeError(f"toy eval set canvas={self.canvas}: must be between {MIN_CANVAS} and {MAX_CANVAS} px")
+        for task, limit in (("vqa", vqa_capacity()), ("math", math_capacity(self.math))):
+            sizes = self.sizes(task)
+            if sum(sizes.values()) > limit:
+                raise VlmergeError(
+                    f"toy eval set {task}_search_size={sizes['search']} + {task}_heldout_size={sizes['heldout']} "
+                    f"= {sum(sizes.values())}: the toy world has only {limit} distinct {task} items "
+                    f"({CAPACITY_OF[task]}), and the splits share none")
 
     def sizes(self, task: str) -> dict[str, int]:
         """{"search": n, "heldout": n} of `task` ("vqa" or "math")."""
@@ -69,6 +82,37 @@ class EvalSetConfig:
 
 
 SIZE_FIELDS = ("vqa_search_size", "vqa_heldout_size", "math_search_size", "math_heldout_size")
+MIN_CANVAS, MAX_CANVAS = 16, 1024  # shapes need 6 px in a quarter of the canvas; the toy models see 32 px
+CAPACITY_OF = {"vqa": "(scene layout, question) pairs", "math": "Japanese question texts"}
+
+
+def math_capacity(config: P.ProblemConfig) -> int:
+    """How many distinct Japanese question texts `P.make_problems` can draw: per operation, the operand pairs
+    (a - b is posed as (a + b) - a: one text per drawn pair) times, per template, the people it names (the asker,
+    and the other person where the template names one) times the items. The splits refuse a repeated text, so
+    both together hold at most this many problems."""
+    people = {False: len(P.NAMES), True: len(P.NAMES) * (len(P.NAMES) - 1)}
+    total = 0
+    for op in set(config.ops):
+        lo, hi = config.factor_range if op == "×" else config.operand_range
+        templates = sum(people["{ot}" in ja] for _, ja in P.TEMPLATES[op])
+        total += (hi - lo + 1) ** 2 * templates * len(P.ITEMS)
+    return total
+
+
+def vqa_capacity() -> int:
+    """How many distinct (scene layout, question) pairs the VQA splits can draw: the sum over every layout
+    (each grid cell empty or one of the shape x colour pairs, at least one shape) of its questions with exactly
+    one answer (`S.question_specs`), counted per kind rather than by listing the layouts."""
+    cells, pairs = len(S.CELLS), len(S.SHAPES) * len(S.COLOURS)
+    layouts = (1 + pairs) ** cells - 1  # count_all: one per layout
+    # colour_of and where_is a shape kind that is there exactly once; shape_of a colour that is there exactly once
+    by_kind = 2 * len(S.SHAPES) * cells * len(S.COLOURS) * (1 + pairs - len(S.COLOURS)) ** (cells - 1)
+    by_colour = len(S.COLOURS) * cells * len(S.SHAPES) * (1 + pairs - len(S.SHAPES)) ** (cells - 1)
+    # what_at a position holding exactly one shape: one of its cells filled, its others empty, the rest anything
+    by_position = sum(len(covered) * pairs * (1 + pairs) ** (cells - len(covered))
+                      for _, covered in S.POSITIONS.values())
+    return layouts + by_kind + by_colour + by_position
 
 
 def vqa_splits(config: EvalSetConfig) -> dict[str, list[dict]]:
@@ -105,17 +149,21 @@ def math_splits(config: EvalSetConfig) -> dict[str, list[P.Problem]]:
     seen: set[str] = set()
     out = {}
     for split, size in config.sizes("math").items():
-        seed, chosen, i = config.split_seed(split), [], 0
+        seed, chosen, done = config.split_seed(split), [], 0
+        budget = 101 * size  # problems looked at before giving up
         while len(chosen) < size:
-            if i > 100 * size:
+            if done >= budget:
                 raise VlmergeError(f"toy math {split}: too few distinct problems for {size} items; widen "
                                    f"operand_range {config.math.operand_range} or ops {config.math.ops}")
-            for p in P.make_problems(i + size, seed, config.math)[i:]:
+            upto = min(budget, max(2 * done, size))  # doubling: make_problems redraws the prefix every call
+            for p in P.make_problems(upto, seed, config.math)[done:]:
                 q = P.question(p, "ja")
-                if q not in seen and len(chosen) < size:
+                if q not in seen:
                     seen.add(q)
                     chosen.append(p)
-            i += size
+                    if len(chosen) == size:
+                        break
+            done = upto
         out[split] = chosen
     return out
 

@@ -32,6 +32,7 @@ from vlmerge.eval.generate import GenerationSettings, cut_at_stop, generate
 from vlmerge.eval.loading import ModelBundle, load_model
 from vlmerge.eval.rouge import exact_item
 from vlmerge.eval.text import is_japanese
+from vlmerge.models.towers import detect_family
 from vlmerge.toy import scenes as S
 from vlmerge.toy.tokenizer import PIECE_PATTERN
 
@@ -138,9 +139,35 @@ def by_kind(items: list[VqaItem], right: list[bool]) -> dict[str, float]:
     return out
 
 
+def check_models(models: Path, merged: list[Path]) -> None:
+    """Refuse, before any model loads, a --models folder without the toy build's vlm_en/ and lm_ja/ and a
+    --merged entry that is not a VLM folder (a text-only LM cannot be asked about a picture)."""
+    for name, family in (("vlm_en", "a VLM"), ("lm_ja", "an LM")):
+        folder = Path(models) / name
+        if not folder.is_dir():
+            raise VlmergeError(f"toy VQA probe: --models {models}: {folder} is not a folder (--models names the "
+                               f"toy build's output, with vlm_en/ and lm_ja/)")
+        try:
+            detect_family(folder)
+        except VlmergeError as err:
+            raise VlmergeError(f"toy VQA probe: --models {models}: {name}/ is not {family} folder: {err}") from None
+    for folder in merged:
+        if not Path(folder).is_dir():
+            raise VlmergeError(f"toy VQA probe: --merged {folder}: not a folder")
+        try:
+            family = detect_family(Path(folder)).family
+        except VlmergeError as err:
+            raise VlmergeError(f"toy VQA probe: --merged {folder}: not a model folder: {err}") from None
+        if family == "causal_lm":
+            raise VlmergeError(f"toy VQA probe: --merged {folder}: a text-only LM, not a VLM (the probe asks "
+                               f"about pictures)")
+
+
 def probe(models: Path, merged: list[Path], data: Path, split: str, n: int | None) -> list[ProbeRow]:
+    """Every argument is checked (the items read, every model folder looked at) before the first model loads."""
     if n is not None and n < 1:
         raise VlmergeError(f"toy VQA probe: --n {n}: probe at least one item")
+    check_models(models, merged)
     items = read_items(data, split, n)
     vlm = load_model({"path": str(models / "vlm_en"), "device": "cpu"})
     rows = [blind_row(items), probe_bundle("vlm_en (English questions)", vlm, items, "en"),
@@ -174,6 +201,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=None, help="probe only the first N items")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        raise VlmergeError(f"toy VQA probe: --threads {args.threads}: must be at least 1")
+    if not args.data.exists():
+        raise VlmergeError(f"toy VQA probe: --data {args.data}: not found (give a toy_vqa_ja eval-set folder)")
     torch.set_num_threads(args.threads)
     rows = probe(args.models, args.merged, args.data, args.split, args.n)
     print("% right (in either language)\n" + table(rows, "right"))

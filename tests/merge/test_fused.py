@@ -15,7 +15,7 @@ from vlmerge.errors import VlmergeError
 from vlmerge.merge import fused
 from vlmerge.merge.merger import TensorInputs, merge_tensor
 from vlmerge.merge.ops import OPS, OpArgs, get_op
-from vlmerge.merge.recipe import Recipe
+from vlmerge.merge.recipe import Recipe, Rule
 from vlmerge.merge.resident import ResidentMerger, RuleTable, cache_tensor
 from vlmerge.merge.sparsify import (
     check_indexable,
@@ -213,8 +213,9 @@ def test_resident_merger_writes_what_the_exporter_writes(dtype):
 
 def test_resident_merger_names_the_bad_parameter():
     merger = ResidentMerger(resident_entries(SHAPES, torch.float32, ("breadcrumbs",)), ("target", "ja"))
-    recipe = Recipe.from_dict({"op": "breadcrumbs", "sources": ["target", "ja"],
-                               "rules": [{"weight": 1.0}, {"layers": [1, 1], "source": "ja", "gamma": 1.5}]})
+    # built directly: Recipe.from_dict refuses gamma 1.5 up front (tests/merge/test_recipe.py)
+    recipe = Recipe(op="breadcrumbs", sources=("target", "ja"),
+                    rules=(Rule(values={"weight": 1.0}), Rule(values={"gamma": 1.5}, source="ja", layers=(1, 1))))
     with pytest.raises(VlmergeError, match=r"gamma\[1\] = 1.5 is outside"):
         merger.apply(recipe)
     with pytest.raises(VlmergeError, match="sums to 0"):

@@ -26,6 +26,7 @@ from vlmerge.errors import VlmergeError
 from vlmerge.merge.command import export_recipe, merge_command, read_recipe_file
 from vlmerge.merge.mergekit_export import to_mergekit, to_mergekit_yaml
 from vlmerge.merge.mergekit_yaml import from_mergekit, layer_t, value_at
+from vlmerge.merge.merger import check_sources
 from vlmerge.merge.recipe import Recipe
 from vlmerge.models.pool import Pool
 from vlmerge.models.towers import layer_of, module_kind
@@ -323,6 +324,56 @@ def test_bad_mergekit_yaml_is_refused_with_one_message(lms, tiny, change, messag
     change = json.loads(json.dumps(change).replace("FT1", str(lms["ft1"])).replace("FT2", str(lms["ft2"])))
     with pytest.raises(VlmergeError, match=message):
         from_mergekit({**raw, **change}, "x.yaml")
+
+
+@pytest.mark.parametrize(
+    "models, parameters, message",
+    [
+        ([entry("FT1", weight=1, density=[0.5, 0.5, 1.5, 0.5, 0.5])], None,
+         "x.yaml.models[0].parameters.density[2] = 1.5 is outside (0, 1] (read by layer 2)"),
+        ([entry("FT1", weight=1, density=[0.5, 0])], None,
+         "x.yaml.models[0].parameters.density[1] = 0.0 is outside (0, 1] (read by layers 1-4)"),
+        ([entry("FT1", weight=1), entry("FT2", weight=1, density=[0.5, "dense"])], None,
+         "x.yaml.models[1].parameters.density[1] = 'dense' is not a number"),
+        ([entry("FT1", weight=1, density=[{"filter": "mlp", "value": [0.5, -1]}, {"value": 0.5}])], None,
+         "x.yaml.models[0].parameters.density[0].value[1] = -1.0 is outside (0, 1] (read by layers 1-4)"),
+        ([entry("FT1", weight=1), entry("FT2", weight=1)], {"density": [1.2, 0.5, 0.5]},
+         "x.yaml.parameters.density[0] = 1.2 is outside (0, 1] (read by layers 0-1 and the non-layer tensors)"),
+        ([entry("FT1", weight=1, density=0.5, gamma=1.5)], None,
+         "x.yaml.models[0].parameters.gamma = 1.5 is outside [0, 1)"),
+        ([entry("FT1", weight=float("nan"))], None, "x.yaml.models[0].parameters.weight = nan is not finite"),
+    ],
+)  # fmt: skip
+def test_bad_value_lists_name_the_file_key_and_layers(lms, tiny, models, parameters, message):
+    raw = {"merge_method": "breadcrumbs", "base_model": str(lms["base"]),
+           "models": json.loads(json.dumps(models).replace("FT1", str(lms["ft1"])).replace("FT2", str(lms["ft2"]))),
+           **({"parameters": parameters} if parameters else {})}  # fmt: skip
+    with pytest.raises(VlmergeError) as err:
+        from_mergekit(raw, "x.yaml")
+    assert message in str(err.value)
+
+
+def test_gradient_longer_than_the_tower_is_resampled_as_mergekit_does(lms):
+    values = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]  # written for a deeper model
+    raw = {"merge_method": "breadcrumbs", "base_model": str(lms["base"]),
+           "models": [entry(str(lms["ft1"]), weight=1, density=values)]}  # fmt: skip
+    recipe, _ = from_mergekit(raw, "x.yaml")
+    for layer in range(DEPTH):
+        density = recipe.args_for(f"model.layers.{layer}.mlp.up_proj.weight", layer, "mlp").density
+        assert density[0] == pytest.approx(value_at(tuple(values), layer_t(layer, DEPTH)))
+
+
+def test_filter_that_matches_no_tensor_is_refused_once_naming_the_entry(lms, tiny):
+    raw = {"merge_method": "ties", "base_model": str(lms["base"]), "models": [
+        entry(lms["ft1"], weight=[{"filter": "self_atn", "value": [0.2, 0.8]}, {"value": 0.5}], density=0.5),
+        entry(lms["ft2"], weight=0.5, density=0.5)]}  # fmt: skip
+    recipe, pool = from_mergekit(raw, "x.yaml")
+    with pytest.raises(VlmergeError) as err:
+        check_sources(Pool(**pool, verbose=False), recipe)
+    text = str(err.value)
+    assert ("x.yaml.models[0].parameters.weight[0] {source: 'target', match: 'self_atn'}: match 'self_atn' selects "
+            "no tensor: no target-tower tensor name contains it") in text
+    assert text.count("selects no tensor") == 1  # once, though the gradient made a rule per layer
 
 
 def test_slerp_needs_exactly_two_inputs_and_t(lms, tiny):

@@ -54,8 +54,14 @@ def test_cli_merges_and_refuses_existing_output(tiny, tmp_path):
         ({"rules": [{"weight": float("nan")}]}, "weight = nan is not finite"),
         ({"rules": [{"weight": float("inf")}]}, "weight = inf is not finite"),
         ({"pool": {"target": "/nonexistent/vlm", "donors": {}}}, "model dir not found: /nonexistent/vlm"),
+        ({"seed": "abc"}, "r.yaml.seed = 'abc': give an integer"),
+        ({"rules": [{"weight": 1}, {"source": "ja", "layers": [40], "weight": 2}]},
+         "r.yaml.rules[1] {source: 'ja', layers: [40, 40]}: layers [40, 40] select no tensor: the target tower has "
+         "layers 0..3"),
+        ({"rules": [{"match": "vision_tower", "weight": 2}]},
+         "r.yaml.rules[0] {match: 'vision_tower'}: match 'vision_tower' selects no tensor"),
     ],
-)
+)  # fmt: skip
 def test_cli_bad_recipe(tiny, tmp_path, overrides, message):
     recipe = write_recipe(tmp_path / "r.yaml", tiny, **overrides)
     done = merge_cli(f"recipe={recipe}", f"output_dir={tmp_path / 'out'}")
@@ -109,6 +115,31 @@ def test_unmappable_towers_list_what_is_unmapped_and_layer_map_fixes_it(tiny, tm
     assert "model.layers.1.mlp.up_proj.weight" in pool.plan.unused["ja"]  # donor layers 1 and 4 are listed
     with pytest.raises(VlmergeError, match=r"layer_map.ja: layers \[7\] outside 0..5"):
         Pool(target=str(tiny.llava), donors={"ja": str(deep)}, base=str(tiny.base), layer_map={"ja": [0, 1, 2, 7]})
+
+
+@pytest.mark.parametrize(
+    ("layer_map", "message"),
+    [
+        ("ja", "pool.layer_map = 'ja': give a mapping {DONOR: [DONOR layer for each target layer, ...]}"),
+        ([0, 1, 2, 3], "pool.layer_map = [0, 1, 2, 3]: give a mapping"),
+        ({"ja": 3}, "pool.layer_map.ja = 3: give a list of ja layer indices (ints), one for each target layer"),
+        ({"ja": "0123"}, "pool.layer_map.ja = '0123': give a list of ja layer indices"),
+        ({"ja": [0, "1", 2, 3]}, "pool.layer_map.ja = [0, '1', 2, 3]: give a list of ja layer indices"),
+        ({"ja": [True, 1, 2, 3]}, "pool.layer_map.ja = [True, 1, 2, 3]: give a list of ja layer indices"),
+        ({"jp": [0, 1, 2, 3]}, "pool.layer_map names 'jp', which is not a donor or the base (['ja', 'base'])"),
+    ],
+)  # fmt: skip
+def test_layer_map_of_the_wrong_shape_names_the_entry_before_opening_models(layer_map, message):
+    with pytest.raises(VlmergeError) as err:  # the models do not exist: refused before they are opened
+        Pool(target="/nonexistent/vlm", donors={"ja": "/nonexistent/ja"}, layer_map=layer_map, verbose=False)
+    assert message in str(err.value)
+
+
+def test_layer_map_of_the_wrong_length_names_the_entry(tiny):
+    with pytest.raises(VlmergeError) as err:
+        Pool(target=str(tiny.llava), donors={"ja": str(tiny.ja)}, base=str(tiny.base), layer_map={"ja": [0, 1]},
+             verbose=False)  # fmt: skip
+    assert "pool.layer_map.ja = [0, 1] has 2 entries; the target tower has 4 layers" in str(err.value)
 
 
 def test_missing_tensor_is_listed(tiny, tmp_path):

@@ -8,6 +8,12 @@ value = (1 - f) v_k + f v_{k+1}; layer i of n has t = i / (n - 1) (t = 1 when n 
 tensor (embeddings, final norm, lm_head) has t = 0, i.e. the first value (mergekit/plan.py). A list of one
 value per layer therefore gives each layer its own value (up to one rounding of t (n - 1)).
 
+Values are checked as they are read, naming the file, the key (`models[1].parameters.density[0].value[2]`) and
+the layers that read a gradient entry: numbers finite and in the op's range (density in (0, 1], gamma in
+[0, 1)); a gradient may have any length, as in mergekit (it is interpolated across the layers). Each rule keeps
+where it was written, so a filter that names no tensor of the target tower is refused by that name when the pool
+is known (`Recipe.check_selects`).
+
 vlmerge rules are last-match, so `from_mergekit` emits the top-level settings first, then each model's, each
 filter list in reverse order, a gradient as one rule for t = 0 plus one rule per run of equal layers.
 
@@ -25,12 +31,13 @@ file); --lazy-unpickle has no counterpart (safetensors are read lazily; pickles 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Mapping
 
 from vlmerge.errors import VlmergeError
 from vlmerge.merge.ops import OPS, get_op
-from vlmerge.merge.recipe import SOURCE_PARAMS, Recipe, Rule
+from vlmerge.merge.recipe import SOURCE_PARAMS, Recipe, Rule, check_range
 from vlmerge.models.source import ModelRef
 from vlmerge.models.towers import detect_family
 
@@ -43,7 +50,7 @@ PARAMS = (*SOURCE_PARAMS, "t", *SWITCHES)
 KIND_FILTERS = ("self_attn", "mlp", "norm", "embed_tokens", "lm_head")
 
 Value = float | tuple[float, ...]  # a scalar or a gradient
-Conditions = list[tuple[str | None, Value]]  # (filter, value), first match wins
+Conditions = list[tuple[str | None, Value, str]]  # (filter, value, where it is written), first match wins
 
 
 def _float(raw, where: str) -> float:
@@ -54,29 +61,60 @@ def _float(raw, where: str) -> float:
             pass
     if isinstance(raw, bool) or not isinstance(raw, (int, float)):
         raise VlmergeError(f"{where} = {raw!r} is not a number")
+    if not math.isfinite(raw):
+        raise VlmergeError(f"{where} = {raw} is not finite")
     return float(raw)
 
 
-def _value(raw, where: str) -> Value:
+def _value(raw, where: str, param: str, depth: int) -> Value:
+    """A number or a gradient of `param`, its numbers checked to be in the op's range."""
     if isinstance(raw, list):
         if not raw:
             raise VlmergeError(f"{where}: an empty gradient list")
-        return tuple(_float(v, f"{where}[{i}]") for i, v in enumerate(raw))
-    return _float(raw, where)
+        value = tuple(_float(v, f"{where}[{i}]") for i, v in enumerate(raw))
+        for i, v in enumerate(value):
+            check_range(param, v, f"{where}[{i}]", f" (read by {_readers(i, len(value), depth)})")
+        return value
+    number = _float(raw, where)
+    check_range(param, number, where)
+    return number
 
 
-def _conditions(setting, where: str) -> Conditions:
-    """A mergekit setting as (filter, value) entries; a plain value is one entry without filter."""
+def _readers(index: int, length: int, depth: int) -> str:
+    """Which tensors read value `index` of a gradient (mergekit's interpolation; see the module docstring)."""
+    layers = []
+    for layer in range(depth):
+        scaled = layer_t(layer, depth) * (length - 1)
+        low = int(scaled)
+        if index == low or (index == low + 1 and scaled > low):
+            layers.append(layer)
+    runs = []
+    for layer in layers:
+        if runs and runs[-1][1] == layer - 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    shown = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+    parts = ([f"layer{'s' if len(layers) > 1 else ''} {shown}"] if layers else []) + (
+        ["the non-layer tensors"] if index == 0 else [])  # fmt: skip
+    return " and ".join(parts) or "no tensor"
+
+
+def _conditions(setting, where: str, param: str, depth: int) -> Conditions:
+    """A mergekit setting as (filter, value, where) entries; a plain value is one entry without filter."""
     if isinstance(setting, Mapping):
         setting = [setting]
     if not (isinstance(setting, list) and setting and all(isinstance(e, Mapping) for e in setting)):
-        return [(None, _value(setting, where))]
+        return [(None, _value(setting, where, param, depth), where)]
     out = []
     for i, entry in enumerate(setting):
         if "value" not in entry or set(entry) - {"value", "filter"}:
             raise VlmergeError(f"{where}[{i}]: want `value` and optionally `filter`: {dict(entry)}")
         flt = entry.get("filter")
-        out.append((None if flt in (None, "*") else str(flt), _value(entry["value"], f"{where}[{i}].value")))
+        if flt is not None and (not isinstance(flt, str) or not flt):
+            raise VlmergeError(f"{where}[{i}].filter = {flt!r}: give a substring of tensor names (or \"*\")")
+        value = _value(entry["value"], f"{where}[{i}].value", param, depth)
+        out.append((None if flt in (None, "*") else flt, value, f"{where}[{i}]"))
     return out
 
 
@@ -99,9 +137,9 @@ def _rules(conds: Conditions, param: str, source: str | None, depth: int, flip: 
     """Rules giving `param` mergekit's value on every tensor a condition list selects (reverse: last wins)."""
     fix = (lambda v: 1.0 - v) if flip else (lambda v: v)
     rules = []
-    for flt, value in reversed(conds):
+    for flt, value, where in reversed(conds):
         first = fix(value_at(value, 0.0))
-        rules.append(Rule(values={param: first}, source=source, match=flt))
+        rules.append(Rule(values={param: first}, source=source, match=flt, origin=where))
         if isinstance(value, tuple):
             per_layer = [fix(value_at(value, layer_t(i, depth))) for i in range(depth)]
             start = 0
@@ -109,7 +147,7 @@ def _rules(conds: Conditions, param: str, source: str | None, depth: int, flip: 
                 if i == depth or per_layer[i] != per_layer[start]:
                     if per_layer[start] != first:
                         rules.append(Rule(values={param: per_layer[start]}, source=source,
-                                          layers=(start, i - 1), match=flt))  # fmt: skip
+                                          layers=(start, i - 1), match=flt, origin=where))  # fmt: skip
                     start = i
     return rules
 
@@ -197,7 +235,7 @@ def from_mergekit(raw: Mapping, where: str) -> tuple[Recipe, dict]:
     entries = raw.get("models")
     if not isinstance(entries, list) or not entries:
         raise VlmergeError(f"{where}: `models` must be a non-empty list of {{model, parameters}} entries")
-    listed, model_params = [], {}
+    listed, model_params, model_where = [], {}, {}
     for i, entry in enumerate(entries):
         at = f"{where}.models[{i}]"
         if not isinstance(entry, Mapping) or "model" not in entry or set(entry) - {"model", "parameters"}:
@@ -207,6 +245,7 @@ def from_mergekit(raw: Mapping, where: str) -> tuple[Recipe, dict]:
             raise VlmergeError(f"{at}: {model[0]} is listed twice")
         listed.append(model)
         model_params[model] = _params(entry.get("parameters"), f"{at}.parameters", op, top=False)
+        model_where[model] = f"{at}.parameters"
     base = _model(raw["base_model"], f"{where}.base_model") if raw.get("base_model") is not None else None
     if base is None and (spec.needs_base or op == "slerp"):
         raise VlmergeError(f"{where}: merge_method {op} needs `base_model`")
@@ -232,11 +271,12 @@ def from_mergekit(raw: Mapping, where: str) -> tuple[Recipe, dict]:
     rules = []
     for param in spec.per_source:
         if param in top:
-            rules += _rules(_conditions(top[param], f"{where}.parameters.{param}"), param, None, depth, False)
+            conds = _conditions(top[param], f"{where}.parameters.{param}", param, depth)
+            rules += _rules(conds, param, None, depth, False)
     for model, name in names.items():
         own = model_params.get(model, {})
         for param, setting in own.items():
-            conds = _conditions(setting, f"{where}.models.{model[0]}.{param}")
+            conds = _conditions(setting, f"{model_where[model]}.{param}", param, depth)
             rules += _rules(conds, param, name, depth, False)
         weightless = "weight" in spec.per_source and "weight" not in top and "weight" not in own
         if weightless and not (zero_target and name == "target"):
@@ -245,7 +285,7 @@ def from_mergekit(raw: Mapping, where: str) -> tuple[Recipe, dict]:
     if op == "slerp":
         if "t" not in top:
             raise VlmergeError(f"{where}: slerp needs `t` in the top-level parameters")
-        rules += _rules(_conditions(top["t"], f"{where}.parameters.t"), "t", None, depth, flip)
+        rules += _rules(_conditions(top["t"], f"{where}.parameters.t", "t", depth), "t", None, depth, flip)
     if zero_target:
         rules.append(Rule(values={"weight": 0.0}, source="target"))
     if (raw.get("parameters") or {}).get("int8_mask"):

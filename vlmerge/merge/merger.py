@@ -85,6 +85,8 @@ def merged_tensors(pool: Pool, recipe: Recipe, *, device: str = "cpu", compute_d
 
 
 def check_sources(pool: Pool, recipe: Recipe) -> None:
+    """Whether a recipe fits a pool, before any merge: its sources are the pool's, in order, and every rule
+    selects a tensor of the target tower (`Recipe.check_selects`; what that means is in vlmerge.merge.recipe)."""
     from vlmerge.errors import VlmergeError
 
     if tuple(recipe.sources) != tuple(pool.source_names):
@@ -92,3 +94,4 @@ def check_sources(pool: Pool, recipe: Recipe) -> None:
             f"recipe sources {list(recipe.sources)} do not match the pool's sources {list(pool.source_names)} "
             "(the target first, then the donors in pool order)"
         )
+    recipe.check_selects(pool.target.names)

@@ -8,6 +8,7 @@ every target-tower tensor is mapped or deliberately kept, every donor tensor is 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from vlmerge.errors import VlmergeError
@@ -53,21 +54,41 @@ class MergePlan:
         return "\n".join(lines)
 
 
+def layer_map_lists(layer_map) -> dict[str, list[int]]:
+    """`pool.layer_map` as {source or base: [its layer for each target layer]}; any other shape is refused, naming
+    `pool.layer_map.<name>` and the value (checked before any model is opened)."""
+    if layer_map is None:
+        return {}
+    if not isinstance(layer_map, Mapping):
+        raise VlmergeError(f"pool.layer_map = {layer_map!r}: give a mapping {{DONOR: [DONOR layer for each "
+                           "target layer, ...]}, like {ja: [0, 2, 4, 6]}")  # fmt: skip
+    out = {}
+    for name, mapping in layer_map.items():
+        listed = isinstance(mapping, Sequence) and not isinstance(mapping, (str, bytes))
+        if not listed or not all(isinstance(i, int) and not isinstance(i, bool) for i in mapping):
+            raise VlmergeError(f"pool.layer_map.{name} = {mapping!r}: give a list of {name} layer indices (ints), "
+                               "one for each target layer, like [0, 2, 4, 6]")  # fmt: skip
+        out[name] = list(mapping)
+    return out
+
+
 def _check_layer_map(layer_map: dict[str, list[int]], towers: dict, depth: int) -> None:
     for name, mapping in layer_map.items():
         if name not in towers:
-            raise VlmergeError(f"layer_map names {name!r}, which is not a source or the base ({list(towers)})")
+            raise VlmergeError(f"pool.layer_map names {name!r}, which is not a donor or the base ({list(towers)})")
         if len(mapping) != depth:
-            raise VlmergeError(f"layer_map.{name} has {len(mapping)} entries; the target tower has {depth} layers")
-        bad = [i for i in mapping if not (isinstance(i, int) and 0 <= i < towers[name].depth)]
+            raise VlmergeError(f"pool.layer_map.{name} = {mapping} has {len(mapping)} entries; the target tower has "
+                               f"{depth} layers: give one {name} layer for each")  # fmt: skip
+        bad = [i for i in mapping if not 0 <= i < towers[name].depth]
         if bad:
-            raise VlmergeError(f"layer_map.{name}: layers {bad} outside 0..{towers[name].depth - 1}")
+            raise VlmergeError(f"pool.layer_map.{name}: layers {bad} outside 0..{towers[name].depth - 1} "
+                               f"(the layers of {name})")  # fmt: skip
 
 
 def plan_merge(target, donors: dict, base, *, layer_map: dict[str, list[int]] | None = None,
                keep: tuple[str, ...] = ()) -> MergePlan:
     """Map every target-tower tensor to its counterparts in each donor and the base (Tower objects)."""
-    layer_map = {k: list(v) for k, v in (layer_map or {}).items()}
+    layer_map = layer_map_lists(layer_map)
     others = {**donors, "base": base}
     _check_layer_map(layer_map, others, target.depth)
     for name, tower in others.items():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from vlmerge.errors import VlmergeError
 from vlmerge.models.checkpoint import Checkpoint
-from vlmerge.models.plan import MergePlan, plan_merge, tied_head_alias
+from vlmerge.models.plan import MergePlan, layer_map_lists, plan_merge, tied_head_alias
 from vlmerge.models.source import ModelRef, as_ref
 from vlmerge.models.towers import TowerSpec, detect_family, read_config
 from vlmerge.models.vocab import check_vocab
@@ -84,13 +84,18 @@ class Pool:
             raise VlmergeError(f"donor names {sorted(reserved)} are reserved; rename the donor(s)")
         self.trust_remote_code = trust_remote_code
         keep = string_list(keep, "pool.keep", "keep: [PATTERN, ...] (regular expressions of tower tensor names)")
-        self.options = {"layer_map": {k: list(v) for k, v in dict(layer_map or {}).items()}, "keep": keep,
+        layer_map = layer_map_lists(layer_map)  # refused before any model is opened
+        for name in layer_map:
+            if name not in donors and name != "base":
+                raise VlmergeError(f"pool.layer_map names {name!r}, which is not a donor or the base "
+                                   f"({[*donors, 'base']})")  # fmt: skip
+        self.options = {"layer_map": layer_map, "keep": keep,
                         "allow_vocab_mismatch": allow_vocab_mismatch, "allow_pickle": allow_pickle}
         self.target = open_tower("target", as_ref(target), allow_pickle=allow_pickle)
         self.donors = {name: open_tower(name, as_ref(ref), allow_pickle=allow_pickle) for name, ref in donors.items()}
         self.base = open_tower("base", as_ref(base), allow_pickle=allow_pickle) if base is not None else self.target
         self.plan: MergePlan = plan_merge(
-            self.target, self.donors, self.base, layer_map=dict(layer_map or {}), keep=tuple(keep)
+            self.target, self.donors, self.base, layer_map=layer_map, keep=tuple(keep)
         )
         check_vocab([self.target, *self.donors.values(), self.base], self.plan, allow_mismatch=allow_vocab_mismatch)
         if verbose:

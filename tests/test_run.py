@@ -287,6 +287,7 @@ def test_ps_dfs_killed_in_the_dfs_stage_resumes_it_without_redoing_ps(ps_dfs_mat
     ("overrides", "message"),
     [
         (["search.budget=0"], "search.budget = 0: must be >= 1"),  # raised inside Hydra's instantiate
+        (["seed=-1"], "search.seed = -1: must be an integer in 0..2**32-1"),  # numpy refused it mid-search
         (["merge=ps_dfs", "merge.path.repeats=99"], "repeats"),  # the DFS stage's genome, before PS runs
         (["merge=ps_dfs", "merge.donor=nope"], "nope"),
         (["table_split=trainn"], "trainn"),  # the final table's split, before the search and not after it

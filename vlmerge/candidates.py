@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,9 +54,10 @@ class MergeContext:
     def build(cls, cfg: Mapping, *, verbose: bool = True, extra_ops: tuple[str, ...] = (),
               with_merger: bool = True) -> MergeContext:  # fmt: skip
         """From a resolved plain config with `pool`, `task`, `merge` (`genome` optional), `seed`."""
+        heldout_cfg = checked_heldout_task(cfg.get("heldout_task"))  # before the pool is opened
         pool = open_pool(cfg["pool"], verbose=verbose)
         task = instantiate_task(cfg["task"])
-        heldout_task = instantiate_task(cfg["heldout_task"]) if cfg.get("heldout_task") else None
+        heldout_task = instantiate_heldout_task(heldout_cfg) if heldout_cfg else None
         genome_cfg = cfg["merge"].get("genome")
         genome = instantiate(genome_cfg, _convert_="all") if genome_cfg else None
         bundle = load_model(pool.target.ref, trust_remote_code=pool.trust_remote_code)
@@ -107,6 +109,34 @@ class FitnessFactory:
     @torch.no_grad()
     def __call__(self) -> MergeFitness:
         return MergeFitness(MergeContext.build(self.cfg, verbose=False))
+
+
+def checked_heldout_task(value: Any) -> Mapping | None:
+    """`heldout_task` as a task config node, or None (not set); anything else (a task's name given as
+    `heldout_task=NAME`, which only sets a string) is refused naming it and the tasks there are."""
+    if value is None or isinstance(value, Mapping):
+        return value or None
+    from vlmerge.cli import config_dir
+
+    names = sorted(p.stem for p in (Path(config_dir()) / "task").glob("*.yaml"))
+    how = "+task@heldout_task=NAME (task@heldout_task=NAME where the experiment already sets one)"
+    if isinstance(value, str) and value in names:
+        raise VlmergeError(f"heldout_task = {value!r} is a task's name, not its config: choose it with "
+                           f"{how.replace('NAME', value)}")  # fmt: skip
+    raise VlmergeError(f"heldout_task = {value!r}: not a task; choose one with {how}, NAME one of {', '.join(names)}")
+
+
+def instantiate_heldout_task(node: Mapping) -> Task:
+    """instantiate_task, its refusal naming heldout_task (the fitness task's refusals look the same)."""
+    try:
+        return instantiate_task(node)
+    except VlmergeError as err:
+        message = str(err)
+        named = (f"heldout_task config: {message.removeprefix('task config: ')}" if message.startswith("task config: ")
+                 else f"heldout_task: {message}")  # fmt: skip
+        error = VlmergeError(named)
+        error.exit_code = err.exit_code
+        raise error from None
 
 
 def evaluate_text_only(bundle: ModelBundle, task: Task, split: str) -> EvalResult:

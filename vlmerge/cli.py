@@ -1,6 +1,9 @@
 """Console scripts: `vlmerge` (the search, also `python -m vlmerge`), `vlmerge-merge`, `vlmerge-eval`.
 
-Bad input (VlmergeError) prints one `error:` line and exits with status 2, never a traceback.
+Bad input ends in one `error:` line and exit status 2, never a traceback: a VlmergeError raised by the command
+(also from inside Hydra's instantiate), and Hydra's own refusals of the command line (an unknown key, a config
+group option that does not exist, an override that does not parse). HYDRA_FULL_ERROR=1 gives Hydra's traceback.
+A search that fails on bad input before writing anything of its own removes the run dir Hydra made for it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import hydra
 from omegaconf import DictConfig
 
 from vlmerge.errors import VlmergeError
+from vlmerge.fresh_run_dir import noting_fresh_run_dir, remove_fresh_run_dir
+from vlmerge.hydra_errors import hydra_errors_in_one_line
 
 
 def config_dir() -> str:
@@ -33,6 +38,7 @@ def _user_errors(fn):
             user_error = _user_error_in(err)
             if user_error is None:
                 raise
+            remove_fresh_run_dir()
             print(f"error: {user_error}", file=sys.stderr)
             sys.exit(user_error.exit_code)
         except KeyboardInterrupt:
@@ -40,6 +46,9 @@ def _user_errors(fn):
             sys.exit(130)
 
     return wrapper
+
+
+_TASK_CODE = _user_errors(lambda cfg: None).__code__  # the frame every command runs under
 
 
 def _user_error_in(err: BaseException) -> VlmergeError | None:
@@ -51,8 +60,26 @@ def _user_error_in(err: BaseException) -> VlmergeError | None:
     return None
 
 
-@hydra.main(config_path=config_dir(), config_name="merge_cli", version_base="1.3")
-@_user_errors
+def _hydra_app(config_name: str):
+    """hydra.main on conf/`config_name`, with Hydra's own errors in one line and a fresh run dir noted."""
+
+    def decorate(fn):
+        app = hydra.main(config_path=config_dir(), config_name=config_name, version_base="1.3")(_user_errors(fn))
+
+        @functools.wraps(fn)
+        def main(*args, **kwargs):
+            with hydra_errors_in_one_line(_TASK_CODE), noting_fresh_run_dir():
+                return app(*args, **kwargs)
+
+        return main
+
+    return decorate
+
+
+# --- the commands -------------------------------------------------------------------------------------------
+
+
+@_hydra_app("merge_cli")
 def merge_main(cfg: DictConfig) -> None:
     from vlmerge.merge.command import merge_command
 
@@ -60,16 +87,14 @@ def merge_main(cfg: DictConfig) -> None:
     print(f"wrote {out}")
 
 
-@hydra.main(config_path=config_dir(), config_name="eval_cli", version_base="1.3")
-@_user_errors
+@_hydra_app("eval_cli")
 def eval_main(cfg: DictConfig) -> None:
     from vlmerge.eval.command import eval_command
 
     eval_command(cfg)
 
 
-@hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
-@_user_errors
+@_hydra_app("config")
 def search_main(cfg: DictConfig) -> float | None:
     from vlmerge.run import run
 

@@ -146,6 +146,9 @@ def test_a_run_cut_short_in_generation_0_resumes_only_with_its_own_settings(tmp_
         ({"popsize": 1}, "search.popsize"),
         ({"sigma0": -1.0}, "sigma0"),
         ({"workers": 0}, "search.workers"),
+        ({"seed": -1}, r"search.seed = -1: must be an integer in 0..2\*\*32-1"),  # numpy refuses it mid-run
+        ({"seed": 2**32}, "search.seed = 4294967296"),
+        ({"seed": 1.5}, "search.seed = 1.5"),
     ],
 )
 def test_bad_search_settings(kwargs, message):

@@ -83,6 +83,8 @@ class CMAESSearch:
             ),
             ("sigma0", isinstance(self.sigma0, (int, float)) and 0 < self.sigma0 < math.inf, "> 0"),
             ("workers", isinstance(self.workers, int) and self.workers >= 1, ">= 1"),
+            ("seed", isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**32,
+             "an integer in 0..2**32-1 (it seeds CMA-ES)"),
         )
         for key, ok, want in checks:
             if not ok:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -116,9 +115,9 @@ def checked_heldout_task(value: Any) -> Mapping | None:
     `heldout_task=NAME`, which only sets a string) is refused naming it and the tasks there are."""
     if value is None or isinstance(value, Mapping):
         return value or None
-    from vlmerge.cli import config_dir
+    from vlmerge.cli import config_options
 
-    names = sorted(p.stem for p in (Path(config_dir()) / "task").glob("*.yaml"))
+    names = config_options("task")
     how = "+task@heldout_task=NAME (task@heldout_task=NAME where the experiment already sets one)"
     if isinstance(value, str) and value in names:
         raise VlmergeError(f"heldout_task = {value!r} is a task's name, not its config: choose it with "

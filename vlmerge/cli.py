@@ -29,6 +29,11 @@ def config_dir() -> str:
     raise VlmergeError("cannot find vlmerge's conf/ folder (install with `pip install -e .` from a checkout)")
 
 
+def config_options(group: str) -> list[str]:
+    """The options of a config group (conf/`group`/NAME.yaml), sorted: for messages that list them."""
+    return sorted(p.stem for p in (Path(config_dir()) / group).glob("*.yaml"))
+
+
 def _user_errors(fn):
     @functools.wraps(fn)
     def wrapper(cfg: DictConfig):

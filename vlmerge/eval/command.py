@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vlmerge.cli import config_dir
+from vlmerge.cli import config_options
 from vlmerge.errors import VlmergeError
 from vlmerge.eval.evaluator import EvalResult, evaluate, read_predictions, score_predictions
 from vlmerge.eval.loading import ModelBundle, load_model
@@ -37,8 +37,7 @@ def eval_command(cfg: DictConfig) -> EvalResult:
 
         hf_logging.disable_progress_bar()
     if cfg.get("task") is None:
-        names = sorted(p.stem for p in (Path(config_dir()) / "task").glob("*.yaml"))
-        raise VlmergeError(f"choose a task: task=NAME, one of {', '.join(names)}")
+        raise VlmergeError(f"choose a task: task=NAME, one of {', '.join(config_options('task'))}")
     task = instantiate_task(cfg.task)
     try:
         source = str(cfg[modes[0]])

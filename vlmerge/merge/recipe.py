@@ -172,7 +172,8 @@ class Recipe:
         for i, rule in enumerate(self.rules):
             if rule.source is not None and rule.source not in self.sources:
                 where = rule.origin or f"rules[{i}]"
-                raise VlmergeError(f"{where}.source = {rule.source!r} is not one of {list(self.sources)}")
+                raise VlmergeError(f"{where}.source = {rule.source!r} is not one of the recipe's sources "
+                                   f"{list(self.sources)}")  # fmt: skip
         _number(self.lambda_, "lambda")
 
     def check_selects(self, tower_names: Iterable[str]) -> None:
@@ -260,10 +261,6 @@ class Recipe:
             raise VlmergeError(f"{where}.rules = {raw_rules!r}: give a list of rules, like "
                                "[{weight: 1.0}, {layers: [0, 7], weight: 0.5}]")  # fmt: skip
         rules = tuple(Rule.from_dict(r, f"{where}.rules[{i}]") for i, r in enumerate(raw_rules))
-        for rule in rules:
-            if rule.source is not None and rule.source not in sources:
-                raise VlmergeError(f"{rule.origin}.source = {rule.source!r} is not one of the recipe's sources "
-                                   f"{sources}")  # fmt: skip
         seed = raw.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise VlmergeError(f"{where}.seed = {seed!r}: give an integer (the DARE masks' seed)")

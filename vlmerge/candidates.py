@@ -8,7 +8,7 @@ A DFS search (vlmerge.dfs.search) runs paths on the same context (without `merge
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -23,6 +23,7 @@ from vlmerge.eval.loading import ModelBundle, load_model
 from vlmerge.eval.metrics import MetricResult
 from vlmerge.eval.task import Task, instantiate_task
 from vlmerge.merge.command import open_pool
+from vlmerge.merge.merger import check_sources
 from vlmerge.merge.recipe import Recipe
 from vlmerge.merge.resident import ResidentMerger
 from vlmerge.models.pool import Pool
@@ -50,15 +51,26 @@ class MergeContext:
         return self.pool.source_names
 
     @classmethod
-    def build(cls, cfg: Mapping, *, verbose: bool = True, extra_ops: tuple[str, ...] = (),
-              with_merger: bool = True) -> MergeContext:  # fmt: skip
-        """From a resolved plain config with `pool`, `task`, `merge` (`genome` optional), `seed`."""
+    def build(cls, cfg: Mapping, *, verbose: bool = True, extra_ops: tuple[str, ...] = (), with_merger: bool = True,
+              check_pool: Callable[[Pool], None] | None = None,
+              splits: Sequence[str] = ()) -> MergeContext:  # fmt: skip
+        """From a resolved plain config with `pool`, `task`, `merge` (`genome` optional), `seed`.
+
+        Bad input is refused before the model loads: the genome's kinds against the target tower, what
+        `check_pool` refuses of the opened pool (run: baselines and given recipes), the data of `splits`.
+        """
         heldout_cfg = checked_heldout_task(cfg.get("heldout_task"))  # before the pool is opened
         pool = open_pool(cfg["pool"], verbose=verbose)
         task = instantiate_task(cfg["task"])
         heldout_task = instantiate_heldout_task(heldout_cfg) if heldout_cfg else None
         genome_cfg = cfg["merge"].get("genome")
         genome = instantiate(genome_cfg, _convert_="all") if genome_cfg else None
+        if genome is not None:
+            genome.check_kinds(pool.target.names, pool.plan.depth)
+        if check_pool is not None:
+            check_pool(pool)
+        for split in splits:
+            split_task(task, heldout_task, split).prepare(split)
         bundle = load_model(pool.target.ref, trust_remote_code=pool.trust_remote_code)
         ops = (*((genome.op,) if genome is not None else ()), *extra_ops)
         merger = ResidentMerger.for_model(bundle.model, pool, ops=ops) if with_merger else None
@@ -69,7 +81,7 @@ class MergeContext:
         return self.genome.decode(x, self.depth, self.sources, seed=self.seed)
 
     def task_for(self, split: str) -> Task:
-        return self.heldout_task if split == "heldout" and self.heldout_task is not None else self.task
+        return split_task(self.task, self.heldout_task, split)
 
     def score_recipe(self, recipe: Recipe, split: str = "search") -> EvalResult:
         self.resident_merger().apply(recipe)
@@ -110,6 +122,11 @@ class FitnessFactory:
         return MergeFitness(MergeContext.build(self.cfg, verbose=False))
 
 
+def split_task(task: Task, heldout_task: Task | None, split: str) -> Task:
+    """The task that scores `split`: `heldout_task` scores the held-out split when there is one."""
+    return heldout_task if split == "heldout" and heldout_task is not None else task
+
+
 def checked_heldout_task(value: Any) -> Mapping | None:
     """`heldout_task` as a task config node, or None (not set); anything else (a task's name given as
     `heldout_task=NAME`, which only sets a string) is refused naming it and the tasks there are."""
@@ -128,7 +145,7 @@ def checked_heldout_task(value: Any) -> Mapping | None:
 def instantiate_heldout_task(node: Mapping) -> Task:
     """instantiate_task, its refusal naming heldout_task (the fitness task's refusals look the same)."""
     try:
-        return instantiate_task(node)
+        return instantiate_task(node, key="heldout_task")
     except VlmergeError as err:
         message = str(err)
         named = (f"heldout_task config: {message.removeprefix('task config: ')}" if message.startswith("task config: ")
@@ -154,12 +171,15 @@ def evaluate_text_only(bundle: ModelBundle, task: Task, split: str) -> EvalResul
                       seconds=time.perf_counter() - start)  # fmt: skip
 
 
-def baseline_recipes(baselines: Mapping, sources: tuple[str, ...], seed: int) -> dict[str, Recipe]:
-    """Untuned merges from config: {name: {op, rules, ...}} with the pool's sources filled in."""
+def baseline_recipes(baselines: Mapping, pool: Pool, seed: int) -> dict[str, Recipe]:
+    """Untuned merges from config: {name: {op, rules, ...}} with the pool's sources filled in, each checked
+    against the pool (a rule that selects no tensor of the target tower is refused naming baselines.NAME)."""
     out = {}
     for name, spec in (baselines or {}).items():
         if not isinstance(spec, Mapping) or "op" not in spec:
             raise VlmergeError(f"baselines.{name}: give at least `op` (and `rules`)")
-        recipe = Recipe.from_dict({**dict(spec), "sources": list(sources)}, where=f"baselines.{name}")
+        recipe = Recipe.from_dict({**dict(spec), "sources": list(pool.source_names)}, where=f"baselines.{name}")
+        recipe.check_read()
+        check_sources(pool, recipe)  # its rules name baselines.NAME
         out[name] = replace(recipe, seed=seed)
     return out

@@ -39,6 +39,7 @@ from vlmerge.eval.loading import load_model
 from vlmerge.merge.recipe import Recipe
 from vlmerge.merge.resident import tower_state
 from vlmerge.models.export import model_card, write_model
+from vlmerge.models.pool import Pool
 from vlmerge.search.checkpoint import CHECKPOINT, atomic_write, read_trials
 from vlmerge.search.fitness import Problem
 from vlmerge.search.fixed import FixedSearch
@@ -65,12 +66,12 @@ def run(cfg: DictConfig) -> float:
     searcher = instantiate(cfg.search, _convert_="all")
     ps_searcher = instantiate(ps_stage_search(plain), _convert_="all") if kind == "ps_dfs" else searcher
     baseline_ops = tuple(b["op"] for b in (plain.get("baselines") or {}).values())
-    context = MergeContext.build(plain, extra_ops=baseline_ops)
-    baselines = baseline_recipes(plain.get("baselines"), context.sources, cfg.seed)
-    context.task.check_fitness_key()
     table_split = (cfg.get("table_split") or "heldout") if cfg.heldout else None
-    for split in ["search"] + ([table_split] if table_split else []):  # bad data: refused before searching
-        context.task_for(split).prepare(split)
+    splits = ["search"] + ([table_split] if table_split else [])  # their data is refused before the model loads
+    context = MergeContext.build(plain, extra_ops=baseline_ops, splits=splits,
+                                 check_pool=lambda pool: check_recipes(pool, plain, searcher))
+    baselines = baseline_recipes(plain.get("baselines"), context.pool, cfg.seed)
+    context.task.check_fitness_key()
     recipe, evolved = None, []
     if kind == "ps_dfs":
         check_path_stage(context, plain["merge"])  # refuse a bad DFS stage before the PS stage runs
@@ -93,6 +94,14 @@ def run(cfg: DictConfig) -> float:
     rows = heldout_rows(context, baselines, plain, evolved, table_split) if table_split else []
     write_report(run_dir, rows, recipe=recipe if kind == "ps" else None, depth=context.depth)
     return result.best_fitness
+
+
+def check_recipes(pool: Pool, plain: dict, searcher) -> None:
+    """The baselines and search=fixed's recipe files, refused before the model loads when they do not fit the
+    pool (a rule that selects no tensor of the target tower, other sources)."""
+    baseline_recipes(plain.get("baselines"), pool, plain["seed"])
+    if isinstance(searcher, FixedSearch):
+        searcher.check_recipes(pool)
 
 
 def ps_stage_search(plain: dict) -> dict:

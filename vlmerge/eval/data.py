@@ -27,6 +27,10 @@ JSONL_DEFAULT_ROLES = {"search": "search", "heldout": "heldout"}
 MAX_LISTED = 20
 
 
+class DataNotFound(VlmergeError):
+    """`data` is no file or folder the loader reads; a Task names the config key that set it (task.data)."""
+
+
 @dataclass(frozen=True)
 class ImageRef:
     """An image an item points at: a file (confined to its data folder), encoded bytes, or a PIL image.

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmerge.errors import VlmergeError
-from vlmerge.eval.data import Dataset, ImageRef, Item, declare_roles, finish_split
+from vlmerge.eval.data import DataNotFound, Dataset, ImageRef, Item, declare_roles, finish_split
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,9 @@ def _open(data: str, revision: str | None) -> Mapping[str, Any]:
 
     local = Path(data).exists()
     if not local and not HUB_ID.match(data):
-        raise VlmergeError(f"dataset not found: {data!r} is neither a local folder nor a hub id (owner/name)")
+        raise DataNotFound(f"dataset not found: {data!r} is neither a local folder nor a hub id (owner/name)")
     if local and not Path(data).is_dir():
-        raise VlmergeError(
+        raise DataNotFound(
             f"{data}: a hub-layout dataset is a folder (e.g. data/<split>-*.parquet), not a file"
         )
     if local and revision is not None:

@@ -10,7 +10,16 @@ from typing import Any
 import yaml
 
 from vlmerge.errors import VlmergeError
-from vlmerge.eval.data import JSONL_DEFAULT_ROLES, ROLES, Dataset, ImageRef, Item, declare_roles, finish_split
+from vlmerge.eval.data import (
+    JSONL_DEFAULT_ROLES,
+    ROLES,
+    DataNotFound,
+    Dataset,
+    ImageRef,
+    Item,
+    declare_roles,
+    finish_split,
+)
 from vlmerge.user_input import utf8_lines
 
 
@@ -85,10 +94,10 @@ def load_jsonl(make_item: Callable, data: str, splits: Mapping | None, limit: in
     elif path.is_dir():
         files = {file.stem: file for file in sorted(path.glob("*.jsonl"))}
         if not files:
-            raise VlmergeError(f"dataset folder {path} has no <split>.jsonl files")
+            raise DataNotFound(f"dataset folder {path} has no <split>.jsonl files")
         config = _dataset_config(path)
     else:
-        raise VlmergeError(f"dataset not found: {path} (a .jsonl file or a folder of <split>.jsonl files)")
+        raise DataNotFound(f"dataset not found: {path} (a .jsonl file or a folder of <split>.jsonl files)")
     declared = {role: config[f"{role}_split"] for role in ROLES if f"{role}_split" in config}
     roles = declare_roles(str(path), files, JSONL_DEFAULT_ROLES, {**declared, **(splits or {})})
     loaded = {split: _jsonl_split(file, split, make_item, limit) for split, file in files.items()}
@@ -103,7 +112,7 @@ def load_mgsm_tsv(data: str, *, splits=None, limit=None) -> Dataset:
     """
     path = Path(data)
     if not path.is_file():
-        raise VlmergeError(f"MGSM file not found: {path}")
+        raise DataNotFound(f"MGSM file not found: {path} (a question<TAB>answer .tsv file)")
     items = []
     for lineno, line in utf8_lines(path):
         line = line.rstrip("\r\n")

@@ -15,7 +15,7 @@ from functools import cached_property
 from typing import Any
 
 from vlmerge.errors import VlmergeError
-from vlmerge.eval.data import Dataset, Item, load_dataset, resolve_split, screen_images
+from vlmerge.eval.data import DataNotFound, Dataset, Item, load_dataset, resolve_split, screen_images
 from vlmerge.eval.generate import GenerationSettings, cut_at_stop
 from vlmerge.eval.loading import IMAGE_PLACEHOLDER, ModelBundle
 from vlmerge.eval.metrics import METRICS, MetricResult, get_metric
@@ -37,6 +37,8 @@ class PreparedSplit:
 
 class Task:
     """Data + prompt + generation settings + answer post-processing + metric, with the fitness key."""
+
+    config_key = "task"  # the config node it was built from, for messages (instantiate_task sets it)
 
     def __init__(
         self,
@@ -119,14 +121,17 @@ class Task:
 
     @cached_property
     def dataset(self) -> Dataset:
-        return load_dataset(
-            self.loader,
-            self.data,
-            revision=self.revision,
-            splits=self.splits,
-            limit=self.limit,
-            options=self.loader_options,
-        )
+        try:
+            return load_dataset(
+                self.loader,
+                self.data,
+                revision=self.revision,
+                splits=self.splits,
+                limit=self.limit,
+                options=self.loader_options,
+            )
+        except DataNotFound as error:
+            raise VlmergeError(f"{self.config_key}.data: {error}") from None
 
     def split_name(self, split: str) -> str:
         """Split name for "search" (fitness: never the held-out split unless allowed), "heldout" or a name."""
@@ -225,8 +230,9 @@ class Task:
         }
 
 
-def instantiate_task(node: Mapping[str, Any]) -> Task:
-    """A task from its config node (`_target_` + arguments), with config mistakes as one VlmergeError."""
+def instantiate_task(node: Mapping[str, Any], key: str = "task") -> Task:
+    """A task from its config node at `key` (`_target_` + arguments), with config mistakes as one VlmergeError;
+    data that is not found is refused naming `key`.data."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
@@ -241,6 +247,7 @@ def instantiate_task(node: Mapping[str, Any]) -> Task:
         raise VlmergeError(
             f"task config: _target_ must build a vlmerge.eval.task.Task, got {type(task).__name__}"
         )
+    task.config_key = key
     return task
 
 

@@ -34,6 +34,7 @@ def read_recipe_file(path: Path | str) -> tuple[Recipe, dict | None]:
 
         return from_mergekit(raw, where=str(path))
     recipe = Recipe.from_dict(raw, where=str(path))
+    recipe.check_read()
     return recipe, dict(recipe.pool) if recipe.pool is not None else None
 
 

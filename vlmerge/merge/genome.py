@@ -5,6 +5,9 @@ layer), an int n (n contiguous groups of nearly equal size; the first `depth % n
 or explicit inclusive ranges `[[0, 3], [4, 9], ...]` that must cover 0..depth-1 in order. With `kinds`
 (e.g. `[attention, mlp]`) every layer group has one cell per listed kind; the *first* listed kind is the
 group's default and also covers tensors of unlisted kinds (layer norms follow attention in that example).
+Every listed kind must have tensors in the target tower where its cells are (`check_kinds`, once the pool is
+open): a kind the tower lacks, or a later kind like `embedding` with cells per layer group, would have genes that
+change nothing.
 
 Non-layer tensors (embeddings, final norm, head), by `outer`:
 - `nearest` (default): no genes of their own. The input embedding takes the default cell of the first layer
@@ -34,15 +37,15 @@ uniform within each cell (checked on representative tensors: one per layer and k
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from vlmerge.errors import VlmergeError
 from vlmerge.merge.ops import get_op
-from vlmerge.merge.recipe import SOURCE_PARAMS, TENSOR_PARAMS, Recipe, Rule
-from vlmerge.models.towers import EMBED, FINAL_NORM, HEAD, KINDS
+from vlmerge.merge.recipe import SOURCE_PARAMS, TENSOR_PARAMS, Recipe, Rule, op_params
+from vlmerge.models.towers import EMBED, FINAL_NORM, HEAD, KINDS, layer_of, module_kind
 
 PRE_MATCH = EMBED.rsplit("weight", 1)[0]  # "model.embed_tokens."
 OUTER = ("nearest", "own")
@@ -101,7 +104,7 @@ class Genome:
 
     def __post_init__(self):
         spec = get_op(self.op)
-        readable = spec.per_source + tuple(p for p in TENSOR_PARAMS if p in spec.shared)
+        readable = op_params(self.op)
         _set(self, "params", tuple(str(p) for p in self.params))  # Hydra passes ListConfig / DictConfig
         _set(self, "kinds", None if self.kinds is None else tuple(str(k) for k in self.kinds))
         _set(
@@ -191,6 +194,34 @@ class Genome:
             )
         return groups
 
+    def _whole(self, groups: Sequence[tuple[int, int]]) -> bool:
+        """Whether the cells are the whole tower's (one group, no outer cells), not per layer group."""
+        return len(groups) == 1 and self.outer == "nearest"
+
+    def check_kinds(self, tower_names: Iterable[str], depth: int) -> None:
+        """Refuse, in one message, every listed kind that no tensor of the target tower has, and, when the cells
+        are per layer group, every non-default kind that no layer tensor has (a non-layer tensor takes a default
+        or outer cell, so such a kind's genes would change nothing: `embedding` with several groups)."""
+        if self.kinds is None:
+            return
+        names = list(tower_names)
+        has = sorted({module_kind(n) for n in names})
+        in_layers = sorted({module_kind(n) for n in names if layer_of(n) is not None})
+        groups = self.layer_groups(depth)
+        problems = []
+        for kind in self.kinds:
+            if kind not in has:
+                problems.append(f"the target tower has no tensor of kind {kind!r} (its tensors are of kinds "
+                                f"{has}): drop it")  # fmt: skip
+            elif kind != self.kinds[0] and not self._whole(groups) and kind not in in_layers:
+                why = f"{len(groups)} layer groups" if len(groups) > 1 else "outer: own"
+                problems.append(f"kind {kind!r} has a cell per layer group ({why}) but no layer tensor of the "
+                                f"target tower is of that kind (they are of kinds {in_layers}), so its genes would "
+                                "change nothing: drop it, or give it its own genes with groups: model and outer: "
+                                "nearest")  # fmt: skip
+        if problems:
+            raise VlmergeError(f"merge.genome.kinds = {list(self.kinds)}: " + "; ".join(problems))
+
     def layout(self, depth: int, sources: Sequence[str]) -> Layout:
         sources = tuple(sources)
         if depth < 1:
@@ -204,7 +235,7 @@ class Genome:
         if unknown:
             raise VlmergeError(f"merge.genome.frozen names {unknown}, not among the sources {list(sources)}")
         groups = self.layer_groups(depth)
-        whole = len(groups) == 1 and self.outer == "nearest"
+        whole = self._whole(groups)
         cells: list[Cell] = []
         if self.outer == "own":
             cells.append(Cell("pre", match=PRE_MATCH))

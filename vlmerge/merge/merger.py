@@ -84,14 +84,15 @@ def merged_tensors(pool: Pool, recipe: Recipe, *, device: str = "cpu", compute_d
         yield plan.target_key, merged.to(device="cpu", dtype=out_dtype or checkpoint.dtype(plan.target_key))
 
 
-def check_sources(pool: Pool, recipe: Recipe) -> None:
+def check_sources(pool: Pool, recipe: Recipe, where: str = "recipe") -> None:
     """Whether a recipe fits a pool, before any merge: its sources are the pool's, in order, and every rule
-    selects a tensor of the target tower (`Recipe.check_selects`; what that means is in vlmerge.merge.recipe)."""
+    selects a tensor of the target tower (`Recipe.check_selects`; what that means is in vlmerge.merge.recipe).
+    `where` names the recipe (its file) in the sources message; rules name their own place."""
     from vlmerge.errors import VlmergeError
 
     if tuple(recipe.sources) != tuple(pool.source_names):
         raise VlmergeError(
-            f"recipe sources {list(recipe.sources)} do not match the pool's sources {list(pool.source_names)} "
+            f"{where} sources {list(recipe.sources)} do not match the pool's sources {list(pool.source_names)} "
             "(the target first, then the donors in pool order)"
         )
     recipe.check_selects(pool.target.names)

@@ -3,7 +3,9 @@
 Granularity is given by rules. A rule selects tensors by any combination of `source` (a source name),
 `layers` (an inclusive range `[first, last]` of target-tower layers: any contiguous group), `kind`
 (attention, mlp, norm, embedding, other) and `match` (a substring of the tower name, like mergekit's
-`filter`), and sets parameters (`weight`, `density`, `gamma` per source; `t` for slerp).
+`filter`), and sets parameters (`weight`, `density`, `gamma` per source; `t` for slerp). A recipe a user wrote
+may set only parameters its op reads (`op_params`): `density` with `linear` would be ignored, so it is refused
+(`Recipe.check_read`, run on recipe files by vlmerge-merge, vlmerge-eval and search=fixed, and on `baselines`).
 
 Precedence: built-in defaults, then the rules **in order**: a later rule that selects a tensor overrides what
 an earlier one set. Write the general rules first (global, then per source, per layer group, per kind).
@@ -112,6 +114,12 @@ class Rule:
         return cls(values=values, source=source, layers=layers, kind=kind, match=match, origin=where)
 
 
+def op_params(op: str) -> tuple[str, ...]:
+    """The rule parameters `op` reads (the others change nothing)."""
+    spec = get_op(op)
+    return spec.per_source + tuple(p for p in TENSOR_PARAMS if p in spec.shared)
+
+
 def check_range(param: str, value: float, where: str, note: str = "") -> None:
     """Refuse a parameter value outside the range the ops take (RANGES), naming `where` (and `note`)."""
     if param in RANGES:
@@ -197,6 +205,22 @@ class Recipe:
                 problems.setdefault((rule.origin or i, *why), f"{rule.label(i)}: " + ", and ".join(why))
         if problems:
             raise VlmergeError("recipe rule(s) that would change nothing: " + "; ".join(problems.values()))
+
+    def check_read(self) -> None:
+        """Refuse, in one message, every parameter a rule sets that the op does not read (it would be ignored),
+        naming the rule's place and the ops that read it. Run where users write recipes (recipe files,
+        `baselines`); generated recipes (genome, mergekit import) set only parameters their op reads."""
+        problems = []
+        for i, rule in enumerate(self.rules):
+            for param in rule.values:
+                if param not in op_params(self.op):
+                    readers = [name for name in OPS if param in op_params(name)]
+                    problems.append(f"{rule.origin or f'rules[{i}]'}.{param}: op {self.op!r} does not read {param} "
+                                    f"(ops that do: {', '.join(readers)})")  # fmt: skip
+        if problems:
+            them = "it" if len(problems) == 1 else "them"
+            raise VlmergeError("; ".join(problems) + f"; op {self.op!r} reads only {', '.join(op_params(self.op))}: "
+                               f"remove {them} or choose an op that reads {them}")  # fmt: skip
 
     def args_for(self, name: str, layer: int | None, kind: str) -> OpArgs:
         """The op arguments of one tower tensor (resolved through the rules; see the module docstring)."""

@@ -1,7 +1,8 @@
 """Re-score given recipes with no search (baselines, a recipe from another run, a hand-written one).
 
 Each recipe is encoded by the genome (it must be expressible by it: `Genome.encode` says what is not) and
-scored by the same fitness as the search, so the numbers are comparable with a search's trials.jsonl.
+scored by the same fitness as the search, so the numbers are comparable with a search's trials.jsonl. Before the
+model loads, `check_recipes` refuses a recipe that vlmerge-merge would refuse with this pool, naming its file.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from vlmerge.errors import VlmergeError
+from vlmerge.merge.merger import check_sources
 from vlmerge.merge.recipe import load_recipe
+from vlmerge.models.pool import Pool
 from vlmerge.search.checkpoint import BEST, TRIALS, TrialLog, write_json
 from vlmerge.search.fitness import Problem
 from vlmerge.search.generation import (
@@ -49,6 +52,15 @@ class FixedSearch:
                 f"search.recipes lists {len(self.recipes)} recipes but search.budget = {self.budget}: "
                 "raise the budget or list fewer recipes"
             )
+
+    def check_recipes(self, pool: Pool) -> None:
+        """Refuse a recipe file that sets a parameter its op ignores (`Recipe.check_read`) or does not fit the
+        pool (`merger.check_sources`: its sources, rules that select no tensor of the target tower), naming the
+        file, as vlmerge-merge would; run calls it before the model loads."""
+        for path in self.recipes:
+            recipe = load_recipe(path)
+            recipe.check_read()
+            check_sources(pool, recipe, where=f"recipe {path}")
 
     def run(self, problem: Problem, run_dir: Path | str) -> SearchResult:
         if problem.encode is None:

@@ -2,7 +2,9 @@
 
 Bad input ends in one `error:` line and exit status 2, never a traceback: a VlmergeError raised by the command
 (also from inside Hydra's instantiate), and Hydra's own refusals of the command line (an unknown key, a config
-group option that does not exist, an override that does not parse). HYDRA_FULL_ERROR=1 gives Hydra's traceback.
+group option that does not exist, an override that does not parse) and of the config's `_target_`s (one that names
+no class or function, refused before the command starts; arguments a target does not take).
+HYDRA_FULL_ERROR=1 gives Hydra's traceback (not for a `_target_` that names nothing).
 A search that fails on bad input before writing anything of its own removes the run dir Hydra made for it.
 """
 
@@ -17,7 +19,7 @@ from omegaconf import DictConfig
 
 from vlmerge.errors import VlmergeError
 from vlmerge.fresh_run_dir import noting_fresh_run_dir, remove_fresh_run_dir
-from vlmerge.hydra_errors import hydra_errors_in_one_line
+from vlmerge.hydra_errors import bad_target, hydra_errors_in_one_line, instantiation_error_line
 
 
 def config_dir() -> str:
@@ -38,9 +40,12 @@ def _user_errors(fn):
     @functools.wraps(fn)
     def wrapper(cfg: DictConfig):
         try:
+            refused = bad_target(cfg)  # before the command builds anything (instantiate would say it in many lines)
+            if refused:
+                raise VlmergeError(refused)
             return fn(cfg)
         except Exception as err:
-            user_error = _user_error_in(err)
+            user_error = _user_error_in(err, cfg)
             if user_error is None:
                 raise
             remove_fresh_run_dir()
@@ -56,13 +61,15 @@ def _user_errors(fn):
 _TASK_CODE = _user_errors(lambda cfg: None).__code__  # the frame every command runs under
 
 
-def _user_error_in(err: BaseException) -> VlmergeError | None:
-    """The VlmergeError `err` is or was raised from (Hydra's instantiate wraps a constructor's refusal)."""
+def _user_error_in(err: BaseException, cfg: DictConfig) -> VlmergeError | None:
+    """The VlmergeError `err` is or was raised from (Hydra's instantiate wraps a constructor's refusal), or one
+    for a config node Hydra's instantiate refused before calling its target (arguments it does not take)."""
+    line = instantiation_error_line(err, cfg)
     while err is not None:
         if isinstance(err, VlmergeError):
             return err
         err = err.__cause__
-    return None
+    return None if line is None else VlmergeError(line)
 
 
 def _hydra_app(config_name: str):

@@ -4,14 +4,22 @@ override that does not parse) as one `error:` line and exit status 2, as vlmerge
 Hydra 1.3 reports such errors through `hydra._internal.utils.run_and_report` (several lines, exit 1); while a
 command runs, `hydra_errors_in_one_line` wraps that function. With another Hydra (no such function) Hydra's own
 reports stay. HYDRA_FULL_ERROR=1 keeps Hydra's traceback.
+
+The config's `_target_`s: `bad_target` names one that names no class or function (a typo) before the command
+builds anything; `instantiation_error_line` words what Hydra's instantiate refuses before running any code of
+ours (arguments the target does not take) in one line. An error raised inside a constructor is not theirs: a
+VlmergeError says its own message, anything else (a bug) keeps Hydra's report (HYDRA_FULL_ERROR=1: traceback).
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
+import pkgutil
 import re
 import sys
+from collections.abc import Mapping
 
 from vlmerge.errors import VlmergeError
 
@@ -103,3 +111,120 @@ def _lines(message: str) -> list[str]:
         if line and not line.startswith(("full_key:", "object_type=", "reference_type=")):
             out.append(line)
     return out
+
+
+# --- `_target_`s ---------------------------------------------------------------------------------------------
+
+TARGET_FIX = "set it to the dotted path of a class or function (package.module.Name)"
+
+
+def bad_target(cfg) -> str | None:
+    """The first `_target_` of a config (DictConfig or plain) that names no class or function, in one line: its
+    key and value, what does not exist, what to write; None when every one names something callable. A module
+    that exists but fails to import (a bug, a missing dependency) raises its own error."""
+    for key, target in _targets(cfg):
+        problem = _target_problem(target)
+        if problem is not None:
+            return f"{key}{'.' if key else ''}_target_ = {target!r}: {problem}"
+    return None
+
+
+def instantiation_error_line(err: BaseException, cfg) -> str | None:
+    """One line for what Hydra's instantiate refuses of a config node before any code of ours runs: arguments
+    its `_target_` does not take or lacks, a target Hydra will not call. None for anything else: an error
+    raised inside a constructor (a bug keeps its traceback), or when HYDRA_FULL_ERROR=1 asks for Hydra's."""
+    from hydra.errors import InstantiationException
+
+    cause = err.__cause__
+    if _full_error_wanted() or not isinstance(err, InstantiationException):
+        return None
+    if cause is not None and not (isinstance(cause, TypeError) and _raised_in_hydra(cause)):
+        return None
+    message = str(err)
+    named = re.search(r"target '([^']+)'", message, re.IGNORECASE)
+    keys = [key for key, value in _targets(cfg) if named and value == named[1]]
+    full_key = re.search(r"^full_key: (\S+)$", message, re.MULTILINE)  # relative to what was instantiated
+    where = keys[0] if len(keys) == 1 else full_key[1] if full_key else None
+    if cause is None:
+        text = " ".join(_lines(message))
+    else:
+        text = f"{cause}; the keys beside _target_ are the arguments of {named[1] if named else 'its _target_'}"
+    return f"{where}: {text}" if where else text
+
+
+def _targets(cfg) -> list[tuple[str, object]]:
+    """(key, value) of every `_target_` in a config, keys as OmegaConf writes them (`merge.genome`, `a.b[0]`).
+    In a config with an interpolation that does not resolve, interpolated targets are skipped (refused where
+    they are used)."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(cfg):
+        try:
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+        except Exception:
+            cfg = OmegaConf.to_container(cfg, resolve=False)
+    found = []
+
+    def walk(node, key: str) -> None:
+        if isinstance(node, Mapping):
+            target = node.get("_target_")
+            if target is not None and not (isinstance(target, str) and "${" in target):
+                found.append((key, target))
+            for name, child in node.items():
+                walk(child, f"{key}.{name}" if key else str(name))
+        elif isinstance(node, list):
+            for i, child in enumerate(node):
+                walk(child, f"{key}[{i}]")
+
+    walk(cfg, "")
+    return found
+
+
+def _target_problem(target) -> str | None:
+    """Why `target` names no class or function, as Hydra's instantiate looks it up; None when it does."""
+    from hydra._internal.utils import _locate  # what instantiate calls
+
+    if not isinstance(target, str):
+        return f"not a dotted path; {TARGET_FIX}"
+    try:
+        found = _locate(target)
+    except (ImportError, ValueError) as err:
+        missing = _missing_part(err, target)
+        if missing is None:
+            raise
+        return missing
+    return None if callable(found) else f"names a {type(found).__name__}, not a class or function; {TARGET_FIX}"
+
+
+def _missing_part(err: Exception, target: str) -> str | None:
+    """What `_locate(target)`'s error says does not exist ("there is no module 'x'", "'a.b' has no 'C'; did you
+    mean 'a.b.D'?"); None when a module that exists failed to import."""
+    cause = err.__cause__
+    parts = target.split(".")
+    if cause is None:  # Hydra's own refusal of the string: empty, or a relative path
+        return f"not a dotted path; {TARGET_FIX}"
+    if isinstance(cause, ModuleNotFoundError) and cause.name in {".".join(parts[:i]) for i in range(1, len(parts) + 1)}:
+        parent_path, _, name = cause.name.rpartition(".")
+        parent = sys.modules.get(parent_path)
+    elif isinstance(cause, AttributeError) and getattr(cause, "name", None) in parts[1:]:  # of a class
+        name, parent = cause.name, getattr(cause, "obj", None)
+        parent_path = ".".join(parts[: parts.index(name, 1)])
+    else:
+        return None
+    if not parent_path:
+        return f"there is no module {name!r}; {TARGET_FIX}"
+    names = set() if parent is None else {n for n in dir(parent) if not n.startswith("_")}
+    if hasattr(parent, "__path__"):  # a package: its modules too
+        names |= {module.name for module in pkgutil.iter_modules(parent.__path__)}
+    guess = difflib.get_close_matches(name, sorted(names), n=1)
+    rest = target[len(parent_path) + 1 + len(name) :]
+    fix = f"did you mean {parent_path + '.' + guess[0] + rest!r}?" if guess else TARGET_FIX
+    return f"{parent_path!r} has no {name!r}; {fix}"
+
+
+def _raised_in_hydra(err: BaseException) -> bool:
+    """Raised by Hydra's own code (calling a target with arguments it does not take), not inside the target."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("hydra.")

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from vlmerge.errors import VlmergeError, exit_on_user_error
@@ -145,16 +146,17 @@ def vqa_splits(config: EvalSetConfig) -> dict[str, list[dict]]:
 
 
 def math_splits(config: EvalSetConfig) -> dict[str, list[P.Problem]]:
-    """Problems per split, no Japanese question text repeated anywhere."""
+    """Problems per split, no Japanese question text repeated anywhere.
+
+    Each split draws problems at random; when few distinct texts are left (sizes near `math_capacity`) the
+    draws stall, and the split is filled from the texts not yet used, in a seeded order (ids `m<seed>-r<n>`).
+    """
     seen: set[str] = set()
     out = {}
     for split, size in config.sizes("math").items():
         seed, chosen, done = config.split_seed(split), [], 0
-        budget = 101 * size  # problems looked at before giving up
-        while len(chosen) < size:
-            if done >= budget:
-                raise VlmergeError(f"toy math {split}: too few distinct problems for {size} items; widen "
-                                   f"operand_range {config.math.operand_range} or ops {config.math.ops}")
+        budget = 101 * size  # problems drawn before the draws count as stalled
+        while len(chosen) < size and done < budget:
             upto = min(budget, max(2 * done, size))  # doubling: make_problems redraws the prefix every call
             for p in P.make_problems(upto, seed, config.math)[done:]:
                 q = P.question(p, "ja")
@@ -164,8 +166,35 @@ def math_splits(config: EvalSetConfig) -> dict[str, list[P.Problem]]:
                     if len(chosen) == size:
                         break
             done = upto
+        if len(chosen) < size:
+            rest = _unused_problems(config.math, seen, seed)[: size - len(chosen)]
+            seen.update(P.question(p, "ja") for p in rest)
+            chosen += rest
+        if len(chosen) < size:  # EvalSetConfig refuses sizes above math_capacity: not reached
+            raise VlmergeError(f"toy math {split}: too few distinct problems for {size} items; widen "
+                               f"operand_range {config.math.operand_range} or ops {config.math.ops}")
         out[split] = chosen
     return out
+
+
+def _unused_problems(config: P.ProblemConfig, seen: set[str], seed: int) -> list[P.Problem]:
+    """One problem per Japanese question text `config` can pose that is not in `seen`, in an order seeded by
+    `seed`. Lists every problem make_problems could draw; where several give one text (a template without {ot}
+    ignores the other person) the first is kept."""
+    unused: dict[str, P.Problem] = {}
+    for op in dict.fromkeys(config.ops):
+        lo, hi = config.factor_range if op == "×" else config.operand_range
+        for a, b in itertools.product(range(lo, hi + 1), repeat=2):
+            a, b = (a + b, a) if op == "-" else (a, b)  # as make_problems poses a - b
+            for template, (name, other), item in itertools.product(
+                    range(len(P.TEMPLATES[op])), itertools.permutations(P.NAMES, 2), P.ITEMS):
+                problem = P.Problem("", op, a, b, name, other, item, template)
+                q = P.question(problem, "ja")
+                if q not in seen:
+                    unused.setdefault(q, problem)
+    order = list(unused.values())
+    random.Random(f"vlmerge-eval-math-rest:{seed}").shuffle(order)
+    return [replace(p, id=f"m{seed}-r{i:05d}") for i, p in enumerate(order)]
 
 
 def write_eval_sets(out: str | Path, config: EvalSetConfig | None = None) -> list[Path]:

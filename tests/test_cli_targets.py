@@ -1,17 +1,20 @@
 """A config's `_target_`s: one that names no class or function is refused in one line naming its key, before the
-command builds anything (no run dir left); arguments a target does not take are one line too. An error raised
-inside a constructor is not the config's: a VlmergeError says its own message, a bug keeps Hydra's report of it."""
+command builds anything (no run dir left); arguments a target does not take are one line too (for a `_partial_`
+node, also before anything runs), and so is a search target that is not a class. An error raised inside a
+constructor is not the config's: a VlmergeError says its own message, a bug keeps Hydra's report of it."""
 
 from __future__ import annotations
 
 import pytest
+from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from tests.test_cli_errors import ENV, cli, one_error_line
+from vlmerge.cli import config_dir, config_options
 from vlmerge.errors import VlmergeError
-from vlmerge.hydra_errors import TARGET_FIX, bad_target, instantiation_error_line
+from vlmerge.hydra_errors import TARGET_FIX, bad_partial_arguments, bad_target, instantiation_error_line
 
 PROBE = """
 from vlmerge.errors import VlmergeError
@@ -60,6 +63,49 @@ def test_arguments_a_target_does_not_take_are_one_line_naming_its_key(tmp_path):
     assert list(tmp_path.iterdir()) == []
     full = cli("vlmerge", "+search.foo=1", cwd=tmp_path, env={**ENV, "HYDRA_FULL_ERROR": "1"})  # for developers
     assert full.returncode == 1 and "Traceback" in full.stderr and "InstantiationException" in full.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        ("+merge.path.foo=1", "merge.path: PathSpec.__init__() got an unexpected keyword argument 'foo'; "
+                              "the keys beside _target_ are the arguments of vlmerge.dfs.path.PathSpec"),
+        ("+merge.path_model.foo=1", "merge.path_model: PathModel.__init__() got an unexpected keyword argument "
+                                    "'foo'; the keys beside _target_ are the arguments of vlmerge.dfs.model.PathModel"),
+    ],
+)  # fmt: skip
+def test_arguments_a_partial_target_does_not_take_are_the_same_line_before_anything_runs(tmp_path, override, line):
+    """merge.path and merge.path_model are `_partial_`: the command calls them with the towers' depths after the
+    model loads, outside Hydra; their config's arguments are refused up front, as other nodes' are."""
+    assert one_error_line(cli("vlmerge", "merge=dfs", override, cwd=tmp_path)) == f"error: {line}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_partial_arguments_checks_partial_nodes_only(monkeypatch):
+    path = {"_target_": "vlmerge.dfs.path.PathSpec", "_partial_": True, "_convert_": "all", "repeats": 2}
+    assert bad_partial_arguments({"merge": {"path": path}}) is None  # depth_a, depth_b come with the call
+    assert bad_partial_arguments({"merge": {"path": {**path, "_partial_": False, "foo": 1}}}) is None  # Hydra's
+    assert bad_partial_arguments({"m": [{**path, "foo": 1}]}) == (
+        "m[0]: PathSpec.__init__() got an unexpected keyword argument 'foo'; "
+        "the keys beside _target_ are the arguments of vlmerge.dfs.path.PathSpec"
+    )
+    joined = {"_target_": "os.path.join", "_partial_": True, "_args_": ["a"]}  # a function, positional arguments
+    assert bad_partial_arguments({"j": joined}) is None
+    assert bad_partial_arguments({"j": {**joined, "x": 1}}).startswith("j: join() got an unexpected keyword argument")
+    with initialize_config_dir(config_dir(), version_base="1.3"):  # the shipped partial nodes take their keys
+        for merge in config_options("merge"):
+            assert bad_partial_arguments(compose("config", [f"merge={merge}"])) is None, merge
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    assert bad_partial_arguments({"m": [{**path, "foo": 1}]}) is None
+
+
+@pytest.mark.parametrize("args", [[], ["experiment=toy_math_ja"]])  # merge=ps_dfs_compact, merge=ties_dare
+def test_a_search_target_that_is_not_a_class_is_one_line_naming_its_key(tmp_path, args):
+    line = one_error_line(cli("vlmerge", "search._target_=vlmerge.run.run", *args, cwd=tmp_path))
+    assert line == ("error: search._target_ = 'vlmerge.run.run' names a function, not a class; set it to a "
+                    "searcher class (vlmerge.search.loop.CMAESSearch, as search=cmaes does, or "
+                    "vlmerge.search.fixed.FixedSearch, as search=fixed does)")  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_constructors_own_errors_are_not_the_configs(tmp_path):

@@ -1,7 +1,7 @@
 """`vlmerge` refuses, before the model loads, search=fixed recipe files and baselines that do not fit the pool
-(rules that select no tensor of the target tower, other sources, parameters the op ignores), genome kinds the
-target tower lacks and task data that is not there, each in one message naming the culprit (file, config key);
-a fitting fixed recipe still runs to the table."""
+(rules that select no tensor of the target tower, other sources, parameters the op ignores), search=fixed recipe
+files the genome cannot express (another op), genome kinds the target tower lacks and task data that is not there,
+each in one message naming the culprit (file, config key); a fitting fixed recipe still runs to the table."""
 
 from __future__ import annotations
 
@@ -79,6 +79,24 @@ def test_a_fixed_recipe_parameter_the_op_ignores_is_refused_naming_the_file(tiny
 
 
 @pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"op": "linear", "rules": [{"weight": 1.0}]}, "cannot encode a 'linear' recipe with a 'dare_ties' genome"),
+        ({"rules": [{"weight": 1.0, "density": 0.5}, {"layers": [0, 0], "weight": 0.5}]},
+         "cannot encode: weight of target differs within genome cell 'layers 0-1' (model.layers.0.self_attn.q_proj."
+         "weight: 0.5, model.layers.1.self_attn.q_proj.weight: 1.0)"),
+    ],
+)  # fmt: skip
+def test_a_fixed_recipe_the_genome_cannot_express_is_refused_naming_the_file(tiny, tmp_path, no_model, changes,
+                                                                              message):  # fmt: skip
+    """Genome.encode's refusals (another op, values that differ within one genome cell), before the model loads."""
+    path = recipe_file(math_config(tiny, tmp_path), tmp_path / "r.yaml", **changes)
+    cfg = math_config(tiny, tmp_path, "search=fixed", f"search.recipes=[{path}]")
+    assert refusal(cfg) == f"recipe {path}: {message}"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
     ("override", "message"),
     [
         ("+baselines.late={op: ties, rules: [{weight: 1.0}, {layers: [4, 9], density: 0.5}]}",
@@ -115,6 +133,8 @@ def test_a_fitting_fixed_recipe_is_scored_and_the_baselines_reach_the_table(tiny
          "task.data: dataset not found: /nope/math (a .jsonl file or a folder of <split>.jsonl files)"),
         (["+task@heldout_task=mgsm_ja", "heldout_task.data=/nope/mgsm_ja.tsv"],
          "heldout_task.data: MGSM file not found: /nope/mgsm_ja.tsv (a question<TAB>answer .tsv file)"),
+        (["+task@heldout_task=mgsm_ja", "heldout_task.data="],
+         "heldout_task: task 'mgsm_ja': no data given; set heldout_task.data=<hub id or local path>"),
     ],
 )  # fmt: skip
 def test_task_data_that_is_not_there_is_refused_naming_the_key_and_the_path(tiny, tmp_path, no_model, overrides,

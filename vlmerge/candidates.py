@@ -52,12 +52,13 @@ class MergeContext:
 
     @classmethod
     def build(cls, cfg: Mapping, *, verbose: bool = True, extra_ops: tuple[str, ...] = (), with_merger: bool = True,
-              check_pool: Callable[[Pool], None] | None = None,
+              check_pool: Callable[[Pool, Any], None] | None = None,
               splits: Sequence[str] = ()) -> MergeContext:  # fmt: skip
         """From a resolved plain config with `pool`, `task`, `merge` (`genome` optional), `seed`.
 
         Bad input is refused before the model loads: the genome's kinds against the target tower, what
-        `check_pool` refuses of the opened pool (run: baselines and given recipes), the data of `splits`.
+        `check_pool` refuses of the opened pool and the genome (run: baselines and given recipes), the data of
+        `splits`.
         """
         heldout_cfg = checked_heldout_task(cfg.get("heldout_task"))  # before the pool is opened
         pool = open_pool(cfg["pool"], verbose=verbose)
@@ -68,7 +69,7 @@ class MergeContext:
         if genome is not None:
             genome.check_kinds(pool.target.names, pool.plan.depth)
         if check_pool is not None:
-            check_pool(pool)
+            check_pool(pool, genome)
         for split in splits:
             split_task(task, heldout_task, split).prepare(split)
         bundle = load_model(pool.target.ref, trust_remote_code=pool.trust_remote_code)

@@ -3,7 +3,8 @@
 Bad input ends in one `error:` line and exit status 2, never a traceback: a VlmergeError raised by the command
 (also from inside Hydra's instantiate), and Hydra's own refusals of the command line (an unknown key, a config
 group option that does not exist, an override that does not parse) and of the config's `_target_`s (one that names
-no class or function, refused before the command starts; arguments a target does not take).
+no class or function, refused before the command starts; arguments a target does not take, for a `_partial_` node
+also before the command starts).
 HYDRA_FULL_ERROR=1 gives Hydra's traceback (not for a `_target_` that names nothing).
 A search that fails on bad input before writing anything of its own removes the run dir Hydra made for it.
 """
@@ -19,7 +20,12 @@ from omegaconf import DictConfig
 
 from vlmerge.errors import VlmergeError
 from vlmerge.fresh_run_dir import noting_fresh_run_dir, remove_fresh_run_dir
-from vlmerge.hydra_errors import bad_target, hydra_errors_in_one_line, instantiation_error_line
+from vlmerge.hydra_errors import (
+    bad_partial_arguments,
+    bad_target,
+    hydra_errors_in_one_line,
+    instantiation_error_line,
+)
 
 
 def config_dir() -> str:
@@ -40,7 +46,8 @@ def _user_errors(fn):
     @functools.wraps(fn)
     def wrapper(cfg: DictConfig):
         try:
-            refused = bad_target(cfg)  # before the command builds anything (instantiate would say it in many lines)
+            # before the command builds anything (instantiate says it in many lines, a partial's call in a traceback)
+            refused = bad_target(cfg) or bad_partial_arguments(cfg)
             if refused:
                 raise VlmergeError(refused)
             return fn(cfg)

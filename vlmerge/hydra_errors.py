@@ -7,14 +7,17 @@ reports stay. HYDRA_FULL_ERROR=1 keeps Hydra's traceback.
 
 The config's `_target_`s: `bad_target` names one that names no class or function (a typo) before the command
 builds anything; `instantiation_error_line` words what Hydra's instantiate refuses before running any code of
-ours (arguments the target does not take) in one line. An error raised inside a constructor is not theirs: a
-VlmergeError says its own message, anything else (a bug) keeps Hydra's report (HYDRA_FULL_ERROR=1: traceback).
+ours (arguments the target does not take) in one line; `bad_partial_arguments` words the same for a
+`_partial_: true` node before the command builds anything (Hydra never calls its target: the command does,
+later). An error raised inside a constructor is not theirs: a VlmergeError says its own message, anything else
+(a bug) keeps Hydra's report (HYDRA_FULL_ERROR=1: traceback).
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
+import inspect
 import os
 import pkgutil
 import re
@@ -116,6 +119,7 @@ def _lines(message: str) -> list[str]:
 # --- `_target_`s ---------------------------------------------------------------------------------------------
 
 TARGET_FIX = "set it to the dotted path of a class or function (package.module.Name)"
+HYDRA_KEYS = frozenset({"_target_", "_partial_", "_convert_", "_recursive_", "_args_"})  # not the target's arguments
 
 
 def bad_target(cfg) -> str | None:
@@ -152,10 +156,47 @@ def instantiation_error_line(err: BaseException, cfg) -> str | None:
     return f"{where}: {text}" if where else text
 
 
+def bad_partial_arguments(cfg) -> str | None:
+    """The first `_partial_: true` node whose keys its `_target_` does not take, in the line
+    `instantiation_error_line` gives other nodes; None when there is none, or when HYDRA_FULL_ERROR=1 asks for
+    Hydra's report. Hydra checks a node's arguments when it calls the target; a partial node's target is
+    called later by the command with the arguments only it knows (`merge.path`: the towers' depths, after
+    the model loads), where a TypeError is not the config's. Run after `bad_target`."""
+    from hydra._internal.utils import _locate
+
+    if _full_error_wanted():
+        return None
+    for key, node in _target_nodes(cfg):
+        if node.get("_partial_") is not True:
+            continue
+        target = _locate(node["_target_"])
+        arguments = {name: value for name, value in node.items() if name not in HYDRA_KEYS}
+        try:
+            inspect.signature(target).bind_partial(*node.get("_args_", ()), **arguments)
+        except ValueError:  # no signature to read (a builtin): left to the call
+            continue
+        except TypeError as err:
+            text = f"{_call_name(target)}() {err}; the keys beside _target_ are the arguments of {node['_target_']}"
+            return f"{key}: {text}" if key else text
+    return None
+
+
+def _call_name(target) -> str:
+    """The name Python's own TypeError gives a call of `target`: a class's own `__init__` (`PathSpec.__init__`),
+    else the class or function (`make_thing`)."""
+    called = target.__init__ if isinstance(target, type) and target.__init__ is not object.__init__ else target
+    return getattr(called, "__qualname__", repr(target))
+
+
 def _targets(cfg) -> list[tuple[str, object]]:
-    """(key, value) of every `_target_` in a config, keys as OmegaConf writes them (`merge.genome`, `a.b[0]`).
-    In a config with an interpolation that does not resolve, interpolated targets are skipped (refused where
-    they are used)."""
+    """(key, value) of every `_target_` in a config, keys as OmegaConf writes them (`merge.genome`, `a.b[0]`)."""
+    return [(key, node["_target_"]) for key, node in _target_nodes(cfg)]
+
+
+def _target_nodes(cfg) -> list[tuple[str, Mapping]]:
+    """(key, node) of every node with a `_target_` in a config, as plain mappings. In a config with an
+    interpolation that does not resolve, nodes with an interpolated target are skipped (refused where they
+    are used)."""
     from omegaconf import OmegaConf
 
     if OmegaConf.is_config(cfg):
@@ -169,7 +210,7 @@ def _targets(cfg) -> list[tuple[str, object]]:
         if isinstance(node, Mapping):
             target = node.get("_target_")
             if target is not None and not (isinstance(target, str) and "${" in target):
-                found.append((key, target))
+                found.append((key, node))
             for name, child in node.items():
                 walk(child, f"{key}.{name}" if key else str(name))
         elif isinstance(node, list):

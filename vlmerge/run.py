@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vlmerge.candidates import (
@@ -61,7 +61,8 @@ def run(cfg: DictConfig) -> float:
     torch.manual_seed(cfg.seed)
     plain = OmegaConf.to_container(cfg, resolve=True)
     kind = merge_kind(plain["merge"])
-    if kind != "ps" and issubclass(get_class(plain["search"]["_target_"]), FixedSearch):
+    rescores = issubclass(searcher_class(plain["search"]), FixedSearch)  # before instantiate calls its target
+    if kind != "ps" and rescores:
         raise VlmergeError(f"search=fixed re-scores PS recipes; merge={kind} searches with search=cmaes")
     searcher = instantiate(cfg.search, _convert_="all")
     ps_searcher = instantiate(ps_stage_search(plain), _convert_="all") if kind == "ps_dfs" else searcher
@@ -69,7 +70,7 @@ def run(cfg: DictConfig) -> float:
     table_split = (cfg.get("table_split") or "heldout") if cfg.heldout else None
     splits = ["search"] + ([table_split] if table_split else [])  # their data is refused before the model loads
     context = MergeContext.build(plain, extra_ops=baseline_ops, splits=splits,
-                                 check_pool=lambda pool: check_recipes(pool, plain, searcher))
+                                 check_pool=lambda pool, genome: check_recipes(pool, genome, plain, searcher))
     baselines = baseline_recipes(plain.get("baselines"), context.pool, cfg.seed)
     context.task.check_fitness_key()
     recipe, evolved = None, []
@@ -96,12 +97,26 @@ def run(cfg: DictConfig) -> float:
     return result.best_fitness
 
 
-def check_recipes(pool: Pool, plain: dict, searcher) -> None:
+def searcher_class(search: dict) -> type:
+    """The class `search._target_` names. The run calls a searcher's methods and reads its settings, so a
+    function there (Hydra would call it with the search keys and hand back whatever it returns) is refused."""
+    target = get_object(search["_target_"])
+    if not isinstance(target, type):
+        raise VlmergeError(
+            f"search._target_ = {search['_target_']!r} names a {type(target).__name__}, not a class; set it to "
+            "a searcher class (vlmerge.search.loop.CMAESSearch, as search=cmaes does, or "
+            "vlmerge.search.fixed.FixedSearch, as search=fixed does)"
+        )
+    return target
+
+
+def check_recipes(pool: Pool, genome, plain: dict, searcher) -> None:
     """The baselines and search=fixed's recipe files, refused before the model loads when they do not fit the
-    pool (a rule that selects no tensor of the target tower, other sources)."""
+    pool (a rule that selects no tensor of the target tower, other sources); the recipe files also when the
+    genome cannot express them (another op), which the search would find only after the model loads."""
     baseline_recipes(plain.get("baselines"), pool, plain["seed"])
     if isinstance(searcher, FixedSearch):
-        searcher.check_recipes(pool)
+        searcher.check_recipes(pool, genome)
 
 
 def ps_stage_search(plain: dict) -> dict:

@@ -1,5 +1,5 @@
-"""Task data that is not there is refused naming the config key that set it (task.data, heldout_task.data) and
-the path; other data errors, and loaders called directly, keep their own messages."""
+"""Task data that is not there (or not given) is refused naming the config key that set it (task.data,
+heldout_task.data) and the path; other data errors, and loaders called directly, keep their own messages."""
 
 from __future__ import annotations
 
@@ -45,6 +45,18 @@ def test_heldout_task_data_not_found_names_heldout_task_data(tmp_path):
     empty.mkdir()
     folder = instantiate_heldout_task(task_config("toy_math_ja", f"task.data={empty}"))
     assert data_refusal(folder, "heldout") == f"heldout_task.data: dataset folder {empty} has no <split>.jsonl files"
+
+
+@pytest.mark.parametrize("data", ["''", "null"])
+def test_no_data_names_the_key_to_set(data):
+    """The constructor refuses a task without data before it knows its config key; instantiate_task names it."""
+    with pytest.raises(VlmergeError) as fitness:
+        instantiate_task(task_config("mgsm_ja", f"task.data={data}"))
+    assert str(fitness.value) == "task 'mgsm_ja': no data given; set task.data=<hub id or local path>"
+    with pytest.raises(VlmergeError) as heldout:
+        instantiate_heldout_task(task_config("mgsm_ja", f"task.data={data}"))
+    assert str(heldout.value) == (
+        "heldout_task: task 'mgsm_ja': no data given; set heldout_task.data=<hub id or local path>")
 
 
 def test_bad_data_contents_keep_their_file_and_line(tmp_path):

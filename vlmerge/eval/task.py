@@ -35,6 +35,15 @@ class PreparedSplit:
     bad_ids: frozenset[str]
 
 
+class NoTaskData(VlmergeError):
+    """A task built without data. The constructor does not know the config key it was built from (instantiate_task
+    sets `config_key` on the built task), so instantiate_task raises it again naming the key to set."""
+
+    def __init__(self, name: str, config_key: str = "task"):
+        super().__init__(f"task {name!r}: no data given; set {config_key}.data=<hub id or local path>")
+        self.name = name
+
+
 class Task:
     """Data + prompt + generation settings + answer post-processing + metric, with the fitness key."""
 
@@ -72,7 +81,7 @@ class Task:
         if not name or not isinstance(name, str):
             raise VlmergeError(f"task name must be a non-empty string, got {name!r}")
         if data is None or str(data) in ("", "???"):
-            raise VlmergeError(f"task {name!r}: no data given; set task.data=<hub id or local path>")
+            raise NoTaskData(name)
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise VlmergeError(f"task {name!r}: limit must be a positive integer or null, got {limit!r}")
         self.name = name
@@ -232,7 +241,7 @@ class Task:
 
 def instantiate_task(node: Mapping[str, Any], key: str = "task") -> Task:
     """A task from its config node at `key` (`_target_` + arguments), with config mistakes as one VlmergeError;
-    data that is not found is refused naming `key`.data."""
+    data that is not given or not found is refused naming `key`.data (the task's `config_key`)."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
@@ -240,6 +249,8 @@ def instantiate_task(node: Mapping[str, Any], key: str = "task") -> Task:
         task = instantiate(node, _convert_="all")
     except InstantiationException as error:
         cause = error.__cause__
+        if isinstance(cause, NoTaskData):
+            raise NoTaskData(cause.name, config_key=key) from None
         if isinstance(cause, VlmergeError):
             raise cause from None
         raise VlmergeError(f"task config: {cause or error}") from None

@@ -119,6 +119,7 @@ def _lines(message: str) -> list[str]:
 # --- `_target_`s ---------------------------------------------------------------------------------------------
 
 TARGET_FIX = "set it to the dotted path of a class or function (package.module.Name)"
+ARGUMENTS_HINT = "; the keys beside _target_ are the arguments of "
 HYDRA_KEYS = frozenset({"_target_", "_partial_", "_convert_", "_recursive_", "_args_"})  # not the target's arguments
 
 
@@ -150,10 +151,8 @@ def instantiation_error_line(err: BaseException, cfg) -> str | None:
     full_key = re.search(r"^full_key: (\S+)$", message, re.MULTILINE)  # relative to what was instantiated
     where = keys[0] if len(keys) == 1 else full_key[1] if full_key else None
     if cause is None:
-        text = " ".join(_lines(message))
-    else:
-        text = f"{cause}; the keys beside _target_ are the arguments of {named[1] if named else 'its _target_'}"
-    return f"{where}: {text}" if where else text
+        return _at(where, " ".join(_lines(message)))
+    return _at(where, f"{cause}{ARGUMENTS_HINT}{named[1] if named else 'its _target_'}")
 
 
 def bad_partial_arguments(cfg) -> str | None:
@@ -176,9 +175,13 @@ def bad_partial_arguments(cfg) -> str | None:
         except ValueError:  # no signature to read (a builtin): left to the call
             continue
         except TypeError as err:
-            text = f"{_call_name(target)}() {err}; the keys beside _target_ are the arguments of {node['_target_']}"
-            return f"{key}: {text}" if key else text
+            return _at(key, f"{_call_name(target)}() {err}{ARGUMENTS_HINT}{node['_target_']}")
     return None
+
+
+def _at(key: str | None, text: str) -> str:
+    """`text` prefixed with the config key it is about, when there is one."""
+    return f"{key}: {text}" if key else text
 
 
 def _call_name(target) -> str:

@@ -29,6 +29,9 @@ this command, seeds, stage losses and wall time). Where each skill is put is in 
 * Japanese reading answers echo the number first ("3。答えは3です。"), the shape of the math LM's worked
   answers ("3 + 4 = 7. The answer is 7.").
 
+`BuildConfig`'s math-world options (`solve_fraction`, `sum_fraction`, `ja_reading`, `ja_solve_fraction` and their
+operand ranges) are off in the committed world: docs/toy_world.md says what the worlds built with them gave.
+
 Bytes repeat on the same machine and thread count (two builds here gave identical files); other CPUs or
 thread counts may differ in the last bits of the weights (float summation order).
 """
@@ -91,6 +94,10 @@ class BuildConfig:
     reader_fraction: float = 0.4  # share of the base corpus that is QA about text (`reader_examples`)
     reading_fraction: float = 0.2  # of that QA: "how many apples does Ken have" (numbers) vs scenes
     reader_cue_fraction: float = 0.3  # of its scene QA: prompt ends with the cue "答え:", answer in Japanese
+    solve_fraction: float = 0.0  # of its reading questions: a small word problem, worked out (`reader_examples`)
+    solve_cue_fraction: float = 0.5  # of those: after the cue, worked in Japanese
+    solve_operands: tuple[int, int] = (1, 5)  # operands of the problems the base solves
+    sum_fraction: float = 0.0  # of the base's documents: followed by a bare sum, operands 1-9 ("7 + 5 = 12")
     vision_pretrain: Stage = Stage(n=20_000, steps=500, lr=3e-3, seed=21, batch_size=128, warmup=50)
     vlm: Stage = Stage(n=48_000, steps=1200, lr=1e-3, seed=2, layer_lr=(1.0, 1.0, 0.5, 0.25, 0.1, 0.05))
     vlm_vision_lr: float = 0.0  # the pre-trained ViT stays frozen (LLaVA-1.5)
@@ -98,6 +105,9 @@ class BuildConfig:
     ja: Stage = Stage(n=25_600, steps=500, lr=1e-3, seed=6, layer_lr=(0.0, 0.0, 0.2, 0.6, 1.0, 1.0))
     ja_short_answers: bool = True
     ja_reading_style: str = "echo"  # "plain": "答えは3です。"; "echo": "3。答えは3です。" (number read, answer)
+    ja_reading: bool = True  # False: lm_ja sees no reading questions
+    ja_solve_fraction: float = 0.0  # of lm_ja's examples: a small Japanese word problem, worked in Japanese
+    ja_solve_operands: tuple[int, int] = (1, 5)
     math: Stage = Stage(n=25_600, steps=500, lr=3e-3, seed=8, layer_lr=(1.0, 1.0, 1.0, 0.5, 0.25, 0.1))
     threads: int = 2
 
@@ -111,8 +121,12 @@ class BuildConfig:
             raise VlmergeError(f"toy build: ja_reading_style {self.ja_reading_style!r}: use one of {READING_STYLES}")
         if not 0 <= self.reader_fraction < 1 or not 0 <= self.reading_fraction <= 1:
             raise VlmergeError("toy build: reader_fraction must be in [0, 1) and reading_fraction in [0, 1]")
-        if not 0 <= self.reader_cue_fraction <= 1:
-            raise VlmergeError("toy build: reader_cue_fraction must be in [0, 1]")
+        for name in ("reader_cue_fraction", "solve_fraction", "solve_cue_fraction", "sum_fraction",
+                     "ja_solve_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise VlmergeError(f"toy build: {name} must be in [0, 1]")
+        P.ProblemConfig(operand_range=self.solve_operands)  # raise on a bad range
+        P.ProblemConfig(operand_range=self.ja_solve_operands)
 
 
 READING_STYLES = ("plain", "echo")
@@ -123,20 +137,30 @@ JAPANESE_CUE = "答え:"
 """Ends a text-QA prompt in place of "A:" where the base is to answer in Japanese (`reader_examples`)."""
 
 
-def reader_examples(n: int, seed: int, reading_fraction: float, cue_fraction: float = 0.0) -> list[T.Example]:
+def reader_examples(n: int, seed: int, reading_fraction: float, cue_fraction: float = 0.0,
+                    solve_fraction: float = 0.0, solve_cue_fraction: float = 0.5,
+                    solve_operands: tuple[int, int] = (1, 5)) -> list[T.Example]:
     """Questions about a text, answered after "A:" in English whatever the languages of text and question:
     the base's one skill beyond language modelling. Scene questions answer like English VQA ("red", "2"); reading
     questions like the math model ("The answer is 3."). A share `cue_fraction` of the scene questions ends
     with `JAPANESE_CUE` instead of "A:" and is answered in Japanese ("赤", "2つ"), from a text and a question
     in either language: so the base holds an answer apart from the language it is written in, and a
     fine-tune that answers in Japanese after "A:" only has to move that choice (what lets it add to the
-    VLM's reading of the picture)."""
+    VLM's reading of the picture). A share `solve_fraction` of the reading questions is replaced by a word
+    problem with operands in `solve_operands`, in either language, worked out ("2 + 3 = 5. The answer is 5."),
+    a share `solve_cue_fraction` of those after the cue and in Japanese ("2 + 3 = 5。答えは5です。"): a base
+    that computes a little in either language, which the English math LM extends."""
     rng = random.Random(f"vlmerge-toy-reader:{seed}")
+    solve_rng = random.Random(f"vlmerge-toy-reader-solve:{seed}")
     scenes, problems = S.make_scenes(n, seed), P.make_problems(n, seed)
+    small = P.make_problems(n, seed + 7000, P.ProblemConfig(operand_range=solve_operands))
     out = []
-    for scene, problem in zip(scenes, problems):
+    for scene, problem, small_problem in zip(scenes, problems, small):
         context_lang, question_lang = rng.choice(S.LANGS), rng.choice(S.LANGS)
         if rng.random() < reading_fraction:
+            if solve_fraction and solve_rng.random() < solve_fraction:
+                out.append(solved_example(small_problem, question_lang, solve_rng.random() < solve_cue_fraction))
+                continue
             question, _ = P.reading_question(problem, question_lang)
             answer = P.ANSWER_ONLY["en"].format(n=problem.a)
             out.append(T.Example("reading", "en", P.MATH_PROMPT.format(question=question), " " + answer))
@@ -153,19 +177,48 @@ def reader_examples(n: int, seed: int, reading_fraction: float, cue_fraction: fl
     return out
 
 
-def japanese_examples(n: int, seed: int, short: bool, reading_style: str = "plain") -> list[T.Example]:
+def japanese_examples(n: int, seed: int, short: bool, reading_style: str = "plain", *, reading: bool = True,
+                      solve_fraction: float = 0.0, solve_operands: tuple[int, int] = (1, 5)) -> list[T.Example]:
     """`texts.japanese_llm_sft`; with `short`, scene answers drop the polite ending ("赤" for "赤です。", an
     accepted answer of every item): a blind guess in the right format then earns little ROUGE. With
-    `reading_style="echo"` a reading answer first writes the number it read ("3。答えは3です。")."""
+    `reading_style="echo"` a reading answer first writes the number it read ("3。答えは3です。"). Without
+    `reading` the reading questions are left out; a share `solve_fraction` of the rest is replaced by Japanese
+    word problems with operands in `solve_operands`, worked in Japanese after "A:" (a Japanese LLM that
+    computes a little)."""
+    solve_rng = random.Random(f"vlmerge-toy-ja-solve:{seed}")
+    small = P.make_problems(n, seed + 8000, P.ProblemConfig(operand_range=solve_operands))
     out = []
-    for e in T.japanese_llm_sft(n, seed):
-        if short and e.task.startswith("text_qa"):
+    for e, small_problem in zip(T.japanese_llm_sft(n, seed), small):
+        if not reading and e.task == "reading":
+            continue
+        if solve_fraction and solve_rng.random() < solve_fraction:
+            e = solved_example(small_problem, "ja", True, cue=False)
+        elif short and e.task.startswith("text_qa"):
             e = replace(e, completion=e.completion.removesuffix("です。"))
         elif reading_style == "echo" and e.task == "reading":
             number = e.completion.strip().removeprefix("答えは").removesuffix("です。")
             e = replace(e, completion=f" {number}。答えは{number}です。")
         out.append(e)
     return out
+
+
+def solved_example(problem: P.Problem, question_lang: str, japanese: bool, cue: bool = True) -> T.Example:
+    """The problem asked in `question_lang`, worked out in Japanese (after the cue where `cue`) or English."""
+    prompt = P.MATH_PROMPT.format(question=P.question(problem, question_lang))
+    if japanese and cue:
+        prompt = prompt.removesuffix("A:") + JAPANESE_CUE
+    lang = "ja" if japanese else "en"
+    return T.Example("solve", lang, prompt, " " + P.worked_answer(problem, lang))
+
+
+def with_sums(docs: list[str], seed: int, fraction: float) -> list[str]:
+    """A share `fraction` of `docs` followed by a bare sum of operands 1-9 ("\n7 + 5 = 12"): arithmetic
+    that does not depend on the language of the text before it."""
+    if not fraction:
+        return docs
+    rng = random.Random(f"vlmerge-toy-sums:{seed}")
+    sums = P.make_problems(len(docs), seed + 5000)
+    return [d + f"\n{p.a} {p.op} {p.b} = {p.answer}" if rng.random() < fraction else d for d, p in zip(docs, sums)]
 
 
 def build_models(config: BuildConfig = DEFAULT, *, verbose: bool = True, device: str = "cpu") -> dict:
@@ -184,7 +237,8 @@ def build_models(config: BuildConfig = DEFAULT, *, verbose: bool = True, device:
     timed("base", lambda: _base(tok, config, verbose, device))
     timed("vlm_en", lambda: _vlm(tok, out["base"], config, verbose))
     timed("lm_ja", lambda: _finetune(tok, out["base"], "lm_ja", japanese_examples(
-        config.ja.n, config.ja.seed, config.ja_short_answers, config.ja_reading_style), config.ja, verbose))
+        config.ja.n, config.ja.seed, config.ja_short_answers, config.ja_reading_style, reading=config.ja_reading,
+        solve_fraction=config.ja_solve_fraction, solve_operands=config.ja_solve_operands), config.ja, verbose))
     timed("lm_math_en", lambda: _finetune(tok, out["base"], "lm_math_en", T.english_math_sft(
         config.math.n, config.math.seed), config.math, verbose))
     return out
@@ -193,9 +247,11 @@ def build_models(config: BuildConfig = DEFAULT, *, verbose: bool = True, device:
 def _base(tok, config: BuildConfig, verbose: bool, device: str):
     st = config.base
     n_qa = int(st.n * config.reader_fraction)
-    docs = [TR.encode_document(tok, d) for d in T.base_corpus(st.n - n_qa, st.seed)]
-    qa = [TR.encode_example(tok, e) for e in reader_examples(n_qa, st.seed, config.reading_fraction,
-                                                              config.reader_cue_fraction)]
+    docs = [TR.encode_document(tok, d) for d in with_sums(T.base_corpus(st.n - n_qa, st.seed), st.seed,
+                                                             config.sum_fraction)]
+    qa = [TR.encode_example(tok, e) for e in reader_examples(
+        n_qa, st.seed, config.reading_fraction, config.reader_cue_fraction, config.solve_fraction,
+        config.solve_cue_fraction, config.solve_operands)]
     model = new_lm(config.lm, tok, config.init_seed).to(device)
     layers = [1.0] * config.lm.num_hidden_layers
     log = TR.train_lm("base", model, tok, docs + qa, st.train_config(), layers, train_embeddings=True,

@@ -212,7 +212,7 @@ def solved_example(problem: P.Problem, question_lang: str, japanese: bool, cue: 
 
 
 def with_sums(docs: list[str], seed: int, fraction: float) -> list[str]:
-    """A share `fraction` of `docs` followed by a bare sum of operands 1-9 ("\n7 + 5 = 12"): arithmetic
+    """A share `fraction` of `docs` followed by a line with a bare sum of operands 1-9 ("7 + 5 = 12"): arithmetic
     that does not depend on the language of the text before it."""
     if not fraction:
         return docs

@@ -125,8 +125,10 @@ class BuildConfig:
                      "ja_solve_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise VlmergeError(f"toy build: {name} must be in [0, 1]")
-        P.ProblemConfig(operand_range=self.solve_operands)  # raise on a bad range
-        P.ProblemConfig(operand_range=self.ja_solve_operands)
+        for name in ("solve_operands", "ja_solve_operands"):
+            low, high = getattr(self, name)
+            if not 0 <= low <= high:
+                raise VlmergeError(f"toy build: {name}={(low, high)}: need 0 <= low <= high")
 
 
 READING_STYLES = ("plain", "echo")

@@ -19,9 +19,10 @@ def test_probe_measures_the_math_lms_english_skill(capsys):
     english, japanese = results
     assert english.acc >= 0.75 and english.set_up >= 0.75 and english.japanese == 0.0
     assert english.from_sum >= 0.75  # given "7 + 1 =" after an English problem, it writes 8
-    assert japanese.from_sum < english.from_sum - 0.5  # after a Japanese one it mostly cannot
+    assert japanese.japanese <= 0.1 and japanese.acc >= 0.25  # it solves Japanese problems too, in English
+    assert japanese.from_sum >= 0.5  # and finishes most sums written after them
     assert english.follows_sum + english.from_text <= 1.0  # one next number: the decoy's value or the answer
-    assert english.follows_sum < english.from_sum - 0.5  # after another written sum it rarely writes its value
+    assert english.follows_sum > english.from_text  # after another written sum it mostly computes that one
     keys = ("acc", "set_up", "japanese", "from_sum", "follows_sum", "from_text")
     assert all(0.0 <= getattr(r, key) <= 1.0 for r in results for key in keys)
     assert english.example.endswith(".") and "The answer is" in english.example

@@ -6,8 +6,8 @@ From one bilingual base LM it makes the three sources of the toy experiments, sa
 
     base/         the base LM (Mistral architecture): reads English and Japanese, answers questions about
                   text in English, or in Japanese where the prompt ends with the cue "答え:" instead of "A:"
-                  (an instruct model that follows an answer-language instruction; it has never seen a picture
-                  or a sum)
+                  (an instruct model that follows an answer-language instruction; it has never seen a picture,
+                  and it solves only word problems with small operands, 1-5, in either language)
     vlm_en/       composite VLM: OpenCLIP ViT (pre-trained alone on what each grid cell shows, the toy's
                   CLIP) + MLP projector + the base LM, tuned on English VQA only
     lm_ja/        the base LM tuned on Japanese text tasks only (answers in Japanese, no pictures)
@@ -26,11 +26,12 @@ this command, seeds, stage losses and wall time). Where each skill is put is in 
   reading the picture: `python -m vlmerge.toy.vqa_probe` and docs/toy_world.md);
 * the VLM tower learns fastest in its first layers (reading the picture), the Japanese LM only in its upper
   layers (answering in Japanese), so a per-layer recipe can take each from where it lives;
-* Japanese reading answers echo the number first ("3。答えは3です。"), the shape of the math LM's worked
-  answers ("3 + 4 = 7. The answer is 7.").
-
-`BuildConfig`'s math-world options (`solve_fraction`, `sum_fraction`, `ja_reading`, `ja_solve_fraction` and their
-operand ranges) are off in the committed world: docs/toy_world.md says what the worlds built with them gave.
+* math is spread as in EvoLLM-JP: the base solves word problems with operands 1-5 in either language (worked in
+  English after "A:", in Japanese after the cue) and has seen bare sums of operands 1-9 after a tenth of its
+  documents; the Japanese LM solves such small problems in Japanese after "A:"; the English math LM learns
+  operands 1-9 on English problems only. Trained for 3000 steps (1500 were too few), the base reads problems in
+  both languages alike, so the math LM's reach carries over to Japanese problems, answered in English: only a
+  merge answers them in Japanese beyond the small operands (docs/toy_world.md, session 19).
 
 Bytes repeat on the same machine and thread count (two builds here gave identical files); other CPUs or
 thread counts may differ in the last bits of the weights (float summation order).
@@ -90,14 +91,14 @@ class BuildConfig:
     lm: LMArch = field(default_factory=LMArch)
     vision: VisionArch = field(default_factory=VisionArch)
     init_seed: int = 0
-    base: Stage = Stage(n=96_000, steps=1500, lr=3e-3, seed=1, warmup=50)
+    base: Stage = Stage(n=96_000, steps=3000, lr=2e-3, seed=1, warmup=50, batch_size=32)
     reader_fraction: float = 0.4  # share of the base corpus that is QA about text (`reader_examples`)
-    reading_fraction: float = 0.2  # of that QA: "how many apples does Ken have" (numbers) vs scenes
+    reading_fraction: float = 0.6  # of that QA: "how many apples does Ken have" (numbers) vs scenes
     reader_cue_fraction: float = 0.3  # of its scene QA: prompt ends with the cue "答え:", answer in Japanese
-    solve_fraction: float = 0.0  # of its reading questions: a small word problem, worked out (`reader_examples`)
+    solve_fraction: float = 0.67  # of its reading questions: a small word problem, worked out (`reader_examples`)
     solve_cue_fraction: float = 0.5  # of those: after the cue, worked in Japanese
     solve_operands: tuple[int, int] = (1, 5)  # operands of the problems the base solves
-    sum_fraction: float = 0.0  # of the base's documents: followed by a bare sum, operands 1-9 ("7 + 5 = 12")
+    sum_fraction: float = 0.1  # of the base's documents: followed by a bare sum, operands 1-9 ("7 + 5 = 12")
     vision_pretrain: Stage = Stage(n=20_000, steps=500, lr=3e-3, seed=21, batch_size=128, warmup=50)
     vlm: Stage = Stage(n=48_000, steps=1200, lr=1e-3, seed=2, layer_lr=(1.0, 1.0, 0.5, 0.25, 0.1, 0.05))
     vlm_vision_lr: float = 0.0  # the pre-trained ViT stays frozen (LLaVA-1.5)
@@ -105,10 +106,10 @@ class BuildConfig:
     ja: Stage = Stage(n=25_600, steps=500, lr=1e-3, seed=6, layer_lr=(0.0, 0.0, 0.2, 0.6, 1.0, 1.0))
     ja_short_answers: bool = True
     ja_reading_style: str = "echo"  # "plain": "答えは3です。"; "echo": "3。答えは3です。" (number read, answer)
-    ja_reading: bool = True  # False: lm_ja sees no reading questions
-    ja_solve_fraction: float = 0.0  # of lm_ja's examples: a small Japanese word problem, worked in Japanese
+    ja_reading: bool = False  # False: lm_ja sees no reading questions
+    ja_solve_fraction: float = 0.3  # of lm_ja's examples: a small Japanese word problem, worked in Japanese
     ja_solve_operands: tuple[int, int] = (1, 5)
-    math: Stage = Stage(n=25_600, steps=500, lr=3e-3, seed=8, layer_lr=(1.0, 1.0, 1.0, 0.5, 0.25, 0.1))
+    math: Stage = Stage(n=25_600, steps=350, lr=1e-3, seed=8, layer_lr=(1.0, 1.0, 1.0, 0.5, 0.25, 0.1))
     threads: int = 2
 
     def __post_init__(self):

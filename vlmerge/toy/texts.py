@@ -6,18 +6,20 @@ Design intent (the EvoVLM-JP / EvoLLM-JP setting in miniature, from one bilingua
   described in both languages side by side, phrase and sentence translations, and word problems in both
   languages *without answers*. It teaches both languages and ties "red" to "赤", "buys" to "買いました", so
   the fine-tunes below share one coordinate system; it teaches no question answering and no arithmetic.
-  (The base's question answering, in English after "A:" and in Japanese after the cue "答え:", is
-  `build.reader_examples`.)
+  (The base's question answering, in English after "A:" and in Japanese after the cue "答え:", and its small
+  worked problems are `build.reader_examples`; its bare sums after documents, `build.with_sums`.)
 * `english_vqa_sft` (the VLM): "<image>\\nQ: <English question>\\nA: red" -- seeing, in English only.
 * `japanese_llm_sft` (the Japanese LLM, no images): questions about a scene *described in text*, asked and
   answered in Japanese with the same prompt shape as VQA (the description takes the place of `<image>`), also
   from an English description (facts in English, reply in Japanese: the bridge the VLM's English-trained
   picture features need), reading problems ("ケンはりんごを3個持っています。…何個…？" -> "答えは3です。")
-  that teach the Japanese problem format without an operation, and English -> Japanese translation.
+  that teach the Japanese problem format without an operation, and English -> Japanese translation. (The
+  committed Japanese LM drops the reading problems and solves small problems in Japanese instead:
+  `build.japanese_examples`.)
 * `english_math_sft` (the math LLM): English word problems with worked answers -- arithmetic, in English only.
 
 So the VLM alone answers in English (0 under Japanese ROUGE), the Japanese LLM alone answers in Japanese but
-blind to the picture, the math LLM alone computes but reads Japanese poorly; only a merge has both halves.
+blind to the picture, the math LLM alone computes but answers in English; only a merge has both halves.
 """
 
 from __future__ import annotations

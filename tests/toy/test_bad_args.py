@@ -48,7 +48,7 @@ def test_vqa_capacity_counts_every_layout_and_question():
 
 
 @pytest.mark.parametrize("sizes, culprit", [
-    ({"math_search_size": 100000}, "math_search_size=100000 + math_heldout_size=128 = 100128: the toy world has "
+    ({"math_search_size": 100000}, "math_search_size=100000 + math_heldout_size=512 = 100512: the toy world has "
                                    "only 12960 distinct math items"),
     ({"math_search_size": 12960, "math_heldout_size": 1}, "= 12961: the toy world has only 12960"),
     ({"math_heldout_size": 10**9}, "math_heldout_size=1000000000"),

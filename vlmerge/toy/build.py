@@ -1,6 +1,6 @@
 """Rebuild the toy world's shipped source models, deterministically, on a laptop CPU.
 
-    python -m vlmerge.toy.build --out eval_data/toy_models        # about 15 minutes on 2 CPU threads
+    python -m vlmerge.toy.build --out eval_data/toy_models        # about 14 minutes on 2 CPU threads
 
 From one bilingual base LM it makes the three sources of the toy experiments, saved as ordinary folders:
 
@@ -100,7 +100,7 @@ class BuildConfig:
     solve_operands: tuple[int, int] = (1, 5)  # operands of the problems the base solves
     sum_fraction: float = 0.1  # of the base's documents: followed by a bare sum, operands 1-9 ("7 + 5 = 12")
     vision_pretrain: Stage = Stage(n=20_000, steps=500, lr=3e-3, seed=21, batch_size=128, warmup=50)
-    vlm: Stage = Stage(n=48_000, steps=1200, lr=1e-3, seed=2, layer_lr=(1.0, 1.0, 0.5, 0.25, 0.1, 0.05))
+    vlm: Stage = Stage(n=48_000, steps=1000, lr=1e-3, seed=2, layer_lr=(1.0, 1.0, 0.5, 0.25, 0.1, 0.05))
     vlm_vision_lr: float = 0.0  # the pre-trained ViT stays frozen (LLaVA-1.5)
     vlm_projector_lr: float = 0.0  # projector kept at its seeded init: the LM tower learns to read the image
     ja: Stage = Stage(n=25_600, steps=500, lr=1e-3, seed=6, layer_lr=(0.0, 0.0, 0.2, 0.6, 1.0, 1.0))
@@ -109,7 +109,7 @@ class BuildConfig:
     ja_reading: bool = False  # False: lm_ja sees no reading questions
     ja_solve_fraction: float = 0.3  # of lm_ja's examples: a small Japanese word problem, worked in Japanese
     ja_solve_operands: tuple[int, int] = (1, 5)
-    math: Stage = Stage(n=25_600, steps=350, lr=1e-3, seed=8, layer_lr=(1.0, 1.0, 1.0, 0.5, 0.25, 0.1))
+    math: Stage = Stage(n=25_600, steps=250, lr=1e-3, seed=8, layer_lr=(1.0, 1.0, 1.0, 0.5, 0.25, 0.1))
     threads: int = 2
 
     def __post_init__(self):

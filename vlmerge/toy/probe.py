@@ -14,8 +14,8 @@ problem text, not to the written sum), so a merge has no shared step to join the
 say which of the two a model computes from: forced to begin with *another* sum of the same operation ("3 + 4 ="),
 `follows_sum` is the share whose next number is that sum's value, `from_text` the share whose next number is the
 problem's own answer, read from the text past the written sum (the committed English math LM on 128 English
-problems of `--seed 90003`: 56% and 9%, against a `from_sum` of 100%; on Japanese ones it solves 56% and finishes
-73% of written sums, answering in English: what a merge can carry into Japanese answers).
+problems of `--seed 90003`: 52% and 9%, against a `from_sum` of 100%; on Japanese ones it solves 53% and finishes
+66% of written sums, answering in English: what a merge can carry into Japanese answers).
 """
 
 from __future__ import annotations

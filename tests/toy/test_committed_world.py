@@ -55,7 +55,7 @@ def test_short_dfs_search_exports_a_deeper_ordinary_model(tmp_path):
 
 def test_default_math_search_beats_every_source_on_heldout(tmp_path):
     # On the 64-item search split of session 19, a shortened search (24 evaluations) stopped at the Japanese LM's
-    # own score; the default one (120 evaluations, about 3 minutes on 2 cores) passes it.
+    # own score; the default one (120 evaluations, about 5 minutes on 2 cores) passes it.
     run_dir = tmp_path / "toy_math_ja"
     done = vlmerge("experiment=toy_math_ja", f"hydra.run.dir={run_dir}")
     rows = rows_of(run_dir)

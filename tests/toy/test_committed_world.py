@@ -1,5 +1,5 @@
 """The embedded default on the committed toy models (eval_data/toy_models), as a newcomer runs it: a shortened
-VQA search and the default math search beat every source on the held-out split, and a short DFS search exports
+VQA search and a half-length math search beat every source on the held-out split, and a short DFS search exports
 an ordinary model."""
 
 import json
@@ -53,11 +53,12 @@ def test_short_dfs_search_exports_a_deeper_ordinary_model(tmp_path):
     assert logits.shape[:2] == ids.shape and torch.isfinite(logits).all()
 
 
-def test_default_math_search_beats_every_source_on_heldout(tmp_path):
-    # On the 64-item search split of session 19, a shortened search (24 evaluations) stopped at the Japanese LM's
-    # own score; the default one (120 evaluations, about 5 minutes on 2 cores) passes it.
+def test_half_length_math_search_beats_every_source_on_heldout(tmp_path):
+    # Half the default's 240 evaluations (about 4 minutes on 2 cores). On session 19's 64-item search split a
+    # 24-evaluation search stopped at the Japanese LM's own score; on the validation split 120 evaluations on 384
+    # items scored 13 points above it (seeds 0-2).
     run_dir = tmp_path / "toy_math_ja"
-    done = vlmerge("experiment=toy_math_ja", f"hydra.run.dir={run_dir}")
+    done = vlmerge("experiment=toy_math_ja", "search.budget=120", f"hydra.run.dir={run_dir}")
     rows = rows_of(run_dir)
     assert {"target", "math", "linear", "ties", "dare_ties", "evolved"} <= set(rows)
     assert {r["split"] for r in rows.values()} == {"heldout"}
